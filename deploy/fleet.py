@@ -1,0 +1,127 @@
+"""Starting and stopping a fleet from a Serve config file, on a local or existing Ray cluster.
+
+This deploys the file the way `serve run config.yaml` does (the controller applies the declarative config, so the
+`deployments:` overrides such as replicas and `ray_actor_options` take effect), then waits until every application
+answers `Describe` over gRPC: right after deployment the proxy can briefly answer NOT_FOUND.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from protos.reward.v1 import reward_pb2, reward_pb2_grpc
+from services.config import load_yaml
+
+DEPLOY_DIR = Path(__file__).resolve().parent
+LOCAL_PROFILE = DEPLOY_DIR / "local.yaml"
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A running fleet: where its gRPC proxy listens and which applications it serves."""
+
+    grpc_target: str
+    applications: tuple[str, ...]
+
+
+def load_serve_config(
+    path: str | Path = LOCAL_PROFILE, *, grpc_port: int | None = None, http_port: int | None = None
+) -> dict[str, Any]:
+    """Reads a Serve config file, optionally moving the proxies to other ports (tests, several fleets)."""
+    config = copy.deepcopy(load_yaml(path))
+    if grpc_port is not None:
+        config.setdefault("grpc_options", {})["port"] = grpc_port
+    if http_port is not None:
+        config.setdefault("http_options", {})["port"] = http_port
+    return config
+
+
+def wait_until_ready(target: str, applications: list[str] | tuple[str, ...], timeout_s: float = 120.0) -> None:
+    """Polls `Describe` on every application until each answers, or raises TimeoutError naming the laggards."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(applications)
+    last_error: dict[str, str] = {}
+    with grpc.insecure_channel(target) as channel:
+        stub = reward_pb2_grpc.RewardServiceStub(channel)
+        while pending:
+            for app in list(pending):
+                try:
+                    stub.Describe(reward_pb2.DescribeRequest(), metadata=(("application", app),), timeout=10)
+                    pending.remove(app)
+                except grpc.RpcError as e:
+                    last_error[app] = f"{e.code().name}: {e.details()}"
+            if pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"applications not answering on {target} after {timeout_s}s: {last_error}")
+                time.sleep(0.25)
+
+
+def _wait_until_running(apps: tuple[str, ...], timeout_s: float) -> None:
+    """Waits for every application to be RUNNING; a failed deployment raises with Serve's own message."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = serve.status().applications
+        failed = {a: statuses[a].message for a in apps if a in statuses and statuses[a].status == "DEPLOY_FAILED"}
+        if failed:
+            raise RuntimeError(f"Serve applications failed to deploy: {failed}")
+        if all(a in statuses and statuses[a].status == "RUNNING" for a in apps):
+            return
+        if time.monotonic() > deadline:
+            state = {a: statuses[a].status if a in statuses else "MISSING" for a in apps}
+            raise TimeoutError(f"Serve applications not running after {timeout_s}s: {state}")
+        time.sleep(0.25)
+
+
+def start_fleet(
+    config: dict[str, Any] | str | Path = LOCAL_PROFILE,
+    *,
+    num_cpus: int | None = None,
+    address: str | None = None,
+    timeout_s: float = 180.0,
+) -> Fleet:
+    """Deploys a Serve config (dict or file) and returns when every application answers over gRPC.
+
+    Starts a local Ray cluster with `num_cpus` logical CPUs unless Ray is already initialised or `address` names a
+    running cluster ("auto" for the one on this machine).
+    """
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    if not isinstance(config, dict):
+        config = load_yaml(config)
+    schema = ServeDeploySchema.model_validate(config)
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    serve.start(
+        proxy_location=schema.proxy_location,
+        http_options=schema.http_options.model_dump(),
+        grpc_options=schema.grpc_options.model_dump(),
+    )
+    # The same call `serve run config.yaml` makes: the controller applies the whole declarative config.
+    _get_global_client().deploy_apps(schema, _blocking=False)
+    apps = tuple(app.name for app in schema.applications)
+    _wait_until_running(apps, timeout_s)
+    target = f"127.0.0.1:{schema.grpc_options.port}"
+    wait_until_ready(target, apps, timeout_s=timeout_s)
+    return Fleet(grpc_target=target, applications=apps)
+
+
+def stop_fleet(shutdown_ray: bool = True) -> None:
+    """Deletes every Serve application and the proxies; then stops the Ray cluster this process started."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        if shutdown_ray:
+            ray.shutdown()

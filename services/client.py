@@ -1,0 +1,341 @@
+"""The fleet's gRPC client, used by the CLI and the trainer.
+
+    client = RewardClient("127.0.0.1:9000", "jpeg_compressibility")
+    results = client.score(images, prompts)          # or: await client.ascore(images, prompts)
+
+- Images may be numpy arrays or torch tensors ((H, W, 3) or (3, H, W), uint8 or float in [0, 1]; a 4-D batch is
+  split along its first axis), PIL images, or already-encoded PNG/JPEG/WebP bytes. Arrays travel raw by default: no
+  codec on the hot path.
+- Big batches are split into requests under the server's limits (learnt once from `Describe`), several requests
+  are kept in flight, and calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are retried with exponential
+  backoff.
+- Results come back one per sample, in input order: scored, or with the sample's error. A sample too large to send
+  at all gets a NOT_SENT error. A call that still fails after its retries raises `RewardServiceError`: the caller
+  never sees a silent zero.
+
+Importing this module is cheap (grpc, numpy, PIL; no torch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from protos.reward.v1 import reward_pb2, reward_pb2_grpc
+from services.codec import encode_image, sample_image_bytes, to_hwc_uint8
+from services.reward import SegmentScore
+
+# Status codes worth retrying: the server is restarting, overloaded, or a replica is gone.
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+class RewardServiceError(RuntimeError):
+    """A Score/Describe call that failed for good (after retries, or with a non-retryable status)."""
+
+    def __init__(self, application: str, code: grpc.StatusCode | None, details: str):
+        name = code.name if code is not None else "PROTOCOL"
+        super().__init__(f"reward application {application!r}: {name}: {details}")
+        self.application = application
+        self.code = code
+        self.details = details
+
+
+@dataclass
+class ScoreResult:
+    """The score of one sample, or why it has none."""
+
+    id: str
+    # NaN when `error_code` is set.
+    reward: float
+    components: dict[str, float] = field(default_factory=dict)
+    caption: str | None = None
+    segments: list[SegmentScore] = field(default_factory=list)
+    # A `reward.v1.ErrorCode` name, or None when the sample was scored.
+    error_code: str | None = None
+    error_message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+    @classmethod
+    def from_proto(cls, r: reward_pb2.SampleResult) -> ScoreResult:
+        error = r.error if r.HasField("error") else None
+        return cls(
+            id=r.id,
+            reward=r.reward,
+            components=dict(r.components),
+            caption=r.caption if r.HasField("caption") else None,
+            segments=[SegmentScore(s.label, s.area_fraction, s.label_confidence, s.likelihood) for s in r.segments],
+            error_code=reward_pb2.ErrorCode.Name(error.code) if error is not None else None,
+            error_message=error.message if error is not None else "",
+        )
+
+
+@dataclass
+class ClientStats:
+    """Counters since the client was made (for tests, benchmarks and the trainer's logs)."""
+
+    # Score calls made, retries included.
+    requests: int = 0
+    # Score calls retried after UNAVAILABLE / RESOURCE_EXHAUSTED.
+    retries: int = 0
+    samples: int = 0
+
+
+def _split_images(images: Any) -> list[Any]:
+    """A list of single images; a 4-D array/tensor batch is split along its first axis."""
+    if hasattr(images, "ndim") and images.ndim == 4:
+        return [images[i] for i in range(images.shape[0])]
+    return list(images)
+
+
+def make_sample(sample_id: str, prompt: str, image: Any, image_format: str = "raw") -> reward_pb2.Sample:
+    """A `reward.v1.Sample`; bytes are sent as encoded, anything else as raw pixels or encoded as `image_format`."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return reward_pb2.Sample(id=sample_id, prompt=prompt, encoded=bytes(image))
+    array = to_hwc_uint8(image)  # (H, W, 3) uint8
+    if image_format == "raw":
+        height, width, _ = array.shape
+        raw = reward_pb2.RawImage(height=height, width=width, data=array.tobytes())
+        return reward_pb2.Sample(id=sample_id, prompt=prompt, raw=raw)
+    return reward_pb2.Sample(id=sample_id, prompt=prompt, encoded=encode_image(array, image_format))
+
+
+class RewardClient:
+    """Client of one reward application of the fleet (see the module docstring)."""
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:9000",
+        application: str = "jpeg_compressibility",
+        *,
+        max_samples_per_request: int = 32,
+        max_request_bytes: int = 64 * 1024 * 1024,
+        max_in_flight: int = 4,
+        timeout_s: float = 120.0,
+        max_retries: int = 6,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 5.0,
+        image_format: str = "raw",
+        metadata: Sequence[tuple[str, str]] = (),
+        discover_limits: bool = True,
+    ):
+        if max_samples_per_request < 1 or max_in_flight < 1 or max_request_bytes < 1:
+            raise ValueError("max_samples_per_request, max_request_bytes and max_in_flight must be >= 1")
+        if image_format not in ("raw", "png", "jpeg", "webp"):
+            raise ValueError(f"image_format must be raw, png, jpeg or webp, got {image_format!r}")
+        self.target = target
+        self.application = application
+        self.max_samples_per_request = max_samples_per_request
+        self.max_request_bytes = max_request_bytes
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.image_format = image_format
+        # Ask the server (Describe, once) for its limits and stay under them as well as under ours.
+        self.discover_limits = discover_limits
+        self._server_limits: tuple[int, int] | None = None
+        self.metadata = (("application", application), *tuple(metadata))
+        self.stats = ClientStats()
+        self._options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._stub: reward_pb2_grpc.RewardServiceStub | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        # Event loop id -> (loop, aio channel, stub).
+        self._aio: dict[int, tuple[Any, grpc.aio.Channel, reward_pb2_grpc.RewardServiceStub]] = {}
+
+    # --- building requests --------------------------------------------------------------------------------------
+
+    def make_samples(
+        self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
+    ) -> list[reward_pb2.Sample]:
+        """Samples for `images`; `prompts` is one prompt for all or one per image; ids default to "0", "1", ..."""
+        images = _split_images(images)
+        if isinstance(prompts, str):
+            prompts = [prompts] * len(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        if ids is None:
+            ids = [str(i) for i in range(len(images))]
+        if len(ids) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(ids)} ids")
+        return [make_sample(i, p, x, self.image_format) for i, p, x in zip(ids, prompts, images, strict=True)]
+
+    def plan(self, samples: Sequence[reward_pb2.Sample]) -> tuple[list[reward_pb2.ScoreRequest], list[Any]]:
+        """Splits samples into requests under the limits, keeping order.
+
+        Returns the requests and a slot per sample: the index of its request, or a `ScoreResult` with a NOT_SENT
+        error for a sample larger than `max_request_bytes` on its own.
+        """
+        max_samples, max_bytes = self.max_samples_per_request, self.max_request_bytes
+        if self._server_limits is not None:
+            max_samples, max_bytes = min(max_samples, self._server_limits[0]), min(max_bytes, self._server_limits[1])
+        requests: list[reward_pb2.ScoreRequest] = []
+        slots: list[Any] = []
+        current: list[reward_pb2.Sample] = []
+        current_bytes = 0
+        for s in samples:
+            size = sample_image_bytes(s)
+            if size > max_bytes:
+                slots.append(
+                    ScoreResult(
+                        id=s.id,
+                        reward=math.nan,
+                        error_code="NOT_SENT",
+                        error_message=f"image payload of {size} bytes exceeds the request limit of {max_bytes} bytes",
+                    )
+                )
+                continue
+            if current and (len(current) >= max_samples or current_bytes + size > max_bytes):
+                requests.append(reward_pb2.ScoreRequest(samples=current))
+                current, current_bytes = [], 0
+            current.append(s)
+            current_bytes += size
+            slots.append(len(requests))
+        if current:
+            requests.append(reward_pb2.ScoreRequest(samples=current))
+        return requests, slots
+
+    def _assemble(self, requests, responses, slots) -> list[ScoreResult]:
+        per_request = []
+        for req, resp in zip(requests, responses, strict=True):
+            if len(resp.results) != len(req.samples):
+                raise RewardServiceError(
+                    self.application,
+                    None,
+                    f"server returned {len(resp.results)} results for {len(req.samples)} samples",
+                )
+            per_request.append(iter(resp.results))
+        out = []
+        for slot in slots:
+            out.append(slot if isinstance(slot, ScoreResult) else ScoreResult.from_proto(next(per_request[slot])))
+        self.stats.samples += len(out)
+        return out
+
+    def _set_server_limits(self, info: reward_pb2.DescribeResponse) -> None:
+        self._server_limits = (info.max_samples_per_request or 2**31, info.max_request_bytes or 2**62)
+
+    def _backoff(self, attempt: int) -> float:
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+    # --- sync API -----------------------------------------------------------------------------------------------
+
+    def _sync(self) -> tuple[reward_pb2_grpc.RewardServiceStub, ThreadPoolExecutor]:
+        with self._lock:
+            if self._stub is None:
+                self._channel = grpc.insecure_channel(self.target, options=self._options)
+                self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
+                self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="reward-client")
+            return self._stub, self._pool
+
+    def _call(self, method: str, request: Any) -> Any:
+        stub, _ = self._sync()
+        for attempt in range(self.max_retries + 1):
+            self.stats.requests += method == "Score"
+            try:
+                return getattr(stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE_CODES or attempt == self.max_retries:
+                    raise RewardServiceError(self.application, e.code(), e.details() or "") from None
+                self.stats.retries += 1
+                time.sleep(self._backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def score_samples(self, samples: Sequence[reward_pb2.Sample]) -> list[ScoreResult]:
+        """Scores prepared samples; see `score`."""
+        if self.discover_limits and self._server_limits is None:
+            self._set_server_limits(self.describe())
+        requests, slots = self.plan(samples)
+        _, pool = self._sync()
+        responses = list(pool.map(lambda r: self._call("Score", r), requests))
+        return self._assemble(requests, responses, slots)
+
+    def score(self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None) -> list[ScoreResult]:
+        """Scores images against prompts; one result per image, in order."""
+        return self.score_samples(self.make_samples(images, prompts, ids))
+
+    def describe(self) -> reward_pb2.DescribeResponse:
+        return self._call("Describe", reward_pb2.DescribeRequest())
+
+    # --- asyncio API --------------------------------------------------------------------------------------------
+
+    def _async_stub(self) -> reward_pb2_grpc.RewardServiceStub:
+        # An aio channel belongs to the event loop that made it.
+        loop = asyncio.get_running_loop()
+        entry = self._aio.get(id(loop))
+        if entry is None or entry[0] is not loop:  # ids of dead loops get reused
+            channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            entry = self._aio[id(loop)] = (loop, channel, reward_pb2_grpc.RewardServiceStub(channel))
+        return entry[2]
+
+    async def _acall(self, method: str, request: Any) -> Any:
+        stub = self._async_stub()
+        for attempt in range(self.max_retries + 1):
+            self.stats.requests += method == "Score"
+            try:
+                return await getattr(stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE_CODES or attempt == self.max_retries:
+                    raise RewardServiceError(self.application, e.code(), e.details() or "") from None
+                self.stats.retries += 1
+                await asyncio.sleep(self._backoff(attempt))
+        raise AssertionError("unreachable")
+
+    async def ascore_samples(self, samples: Sequence[reward_pb2.Sample]) -> list[ScoreResult]:
+        """Scores prepared samples; see `ascore`."""
+        if self.discover_limits and self._server_limits is None:
+            self._set_server_limits(await self.adescribe())
+        requests, slots = self.plan(samples)
+        window = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(request):
+            async with window:
+                return await self._acall("Score", request)
+
+        responses = await asyncio.gather(*(one(r) for r in requests))
+        return self._assemble(requests, responses, slots)
+
+    async def ascore(
+        self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
+    ) -> list[ScoreResult]:
+        """Async `score`: the same results, without blocking the event loop."""
+        return await self.ascore_samples(self.make_samples(images, prompts, ids))
+
+    async def adescribe(self) -> reward_pb2.DescribeResponse:
+        return await self._acall("Describe", reward_pb2.DescribeRequest())
+
+    # --- lifetime -----------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the sync channel and thread pool (aio channels close with their event loops)."""
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+            self._channel = self._stub = self._pool = None
+
+    async def aclose(self) -> None:
+        """Closes the aio channel of the running event loop."""
+        entry = self._aio.pop(id(asyncio.get_running_loop()), None)
+        if entry is not None:
+            await entry[1].close()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,135 @@
+"""The one place images are validated, decoded and encoded.
+
+Canonical in-memory image of rewardfleet: a C-contiguous `numpy.ndarray` of dtype uint8 and shape (H, W, 3), RGB.
+It is what raw wire images already are (so the raw transport decodes with no copy) and what PIL and the Hugging Face
+image processors take directly. Rewards receive images in this format only and must treat them as read-only.
+
+Decoding never raises anything but `ImageError`, whose `code` is the name of a `reward.v1.ErrorCode`; the serving
+layer turns it into a per-sample error so one bad image never costs the rest of its batch.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# Formats accepted for encoded images on the wire.
+ENCODED_FORMATS = ("PNG", "JPEG", "WEBP")
+# Default limit on height * width of one image (4096 x 4096), checked from the header before any pixel is decoded.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; `code` is a `reward.v1.ErrorCode` name (e.g. "INVALID_IMAGE")."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _check_size(height: int, width: int, max_pixels: int) -> None:
+    if height <= 0 or width <= 0:
+        raise ImageError("INVALID_IMAGE", f"image size must be positive, got {height}x{width}")
+    if height * width > max_pixels:
+        raise ImageError(
+            "IMAGE_TOO_LARGE", f"image is {height}x{width} = {height * width} pixels, more than the limit {max_pixels}"
+        )
+
+
+def decode_encoded(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decodes PNG/JPEG/WebP bytes to a (H, W, 3) uint8 RGB array.
+
+    The size is checked from the header before decoding, so an oversized (or decompression-bomb) image costs nothing.
+    Alpha is dropped; grey, palette and CMYK images become RGB; of an animated image the first frame is used.
+    """
+    if not data:
+        raise ImageError("INVALID_IMAGE", "image bytes are empty")
+    try:
+        img = Image.open(io.BytesIO(data), formats=ENCODED_FORMATS)
+    except Exception as e:  # PIL raises several types for unidentifiable data
+        raise ImageError("INVALID_IMAGE", f"not a decodable PNG, JPEG or WebP image ({type(e).__name__})") from None
+    width, height = img.size
+    _check_size(height, width, max_pixels)
+    try:
+        img.load()
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        array = np.asarray(img, dtype=np.uint8)
+    except Exception as e:  # truncated or corrupt data surfaces only when the pixels are decoded
+        raise ImageError("INVALID_IMAGE", f"corrupt {img.format} image: {type(e).__name__}: {e}"[:300]) from None
+    if array.shape != (height, width, 3):
+        raise ImageError("INVALID_IMAGE", f"decoded to unexpected shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def decode_raw(height: int, width: int, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Views raw uint8 RGB bytes as a (H, W, 3) array (no copy; read-only)."""
+    _check_size(height, width, max_pixels)
+    expected = height * width * 3
+    if len(data) != expected:
+        raise ImageError(
+            "INVALID_IMAGE",
+            f"raw image data has {len(data)} bytes, expected height*width*3 = {expected} for {height}x{width}",
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
+
+
+def decode_sample_image(sample: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decodes the image of a `reward.v1.Sample`, whichever transport it uses."""
+    kind = sample.WhichOneof("image")
+    if kind == "encoded":
+        return decode_encoded(sample.encoded, max_pixels)
+    if kind == "raw":
+        return decode_raw(sample.raw.height, sample.raw.width, sample.raw.data, max_pixels)
+    raise ImageError("MISSING_IMAGE", "sample has no image (set `encoded` or `raw`)")
+
+
+def sample_image_bytes(sample: Any) -> int:
+    """Bytes of image payload a `reward.v1.Sample` carries (what request byte limits count)."""
+    kind = sample.WhichOneof("image")
+    if kind == "encoded":
+        return len(sample.encoded)
+    if kind == "raw":
+        return len(sample.raw.data)
+    return 0
+
+
+def to_hwc_uint8(image: Any) -> np.ndarray:
+    """Converts a client-side image to the canonical (H, W, 3) uint8 RGB array.
+
+    Accepts PIL images, numpy arrays and torch tensors (anything with `.detach()`), laid out (H, W, 3), (3, H, W) or
+    (H, W) grey; uint8 values, or floats in [0, 1] (scaled by 255 and rounded, as diffusers' `numpy_to_pil` does).
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if hasattr(image, "detach"):  # torch.Tensor, without importing torch here
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3:
+        raise ValueError(f"expected an image of shape (H, W, 3), (3, H, W) or (H, W), got {array.shape}")
+    if array.shape[2] != 3 and array.shape[0] == 3:
+        array = array.transpose(1, 2, 0)  # (3, H, W) -> (H, W, 3)
+    if array.shape[2] != 3:
+        raise ValueError(f"expected 3 channels in (H, W, 3) or (3, H, W), got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise ValueError(f"expected uint8 or float image values, got dtype {array.dtype}")
+        array = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
+def encode_image(array: np.ndarray, fmt: str = "PNG", quality: int = 95) -> bytes:
+    """Encodes a (H, W, 3) uint8 array as PNG, JPEG or WebP bytes."""
+    fmt = fmt.upper()
+    if fmt not in ENCODED_FORMATS:
+        raise ValueError(f"unknown image format {fmt!r}; valid: {list(ENCODED_FORMATS)}")
+    buf = io.BytesIO()
+    kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+    Image.fromarray(array).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()

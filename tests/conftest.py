@@ -1,0 +1,85 @@
+"""Shared fixtures: one real local Ray cluster and one Serve fleet per test session (starting them costs ~15 s)."""
+
+import copy
+import os
+import socket
+
+# Before any Hugging Face import: an accidental download must fail loudly, never touch the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from deploy.fleet import LOCAL_PROFILE, load_serve_config  # noqa: E402
+
+# Limits of the `jpeg_limited` test application (small, so tests can exceed them cheaply).
+LIMITED = {"max_samples_per_request": 4, "max_request_bytes": 40_000, "max_image_pixels": 128 * 128}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_config() -> dict:
+    """The local profile plus two test applications of the same reward: tight limits, and backpressure."""
+    config = load_serve_config(LOCAL_PROFILE, grpc_port=free_port(), http_port=free_port())
+    base = next(a for a in config["applications"] if a["name"] == "jpeg_compressibility")
+    for app in config["applications"]:
+        for dep in app.get("deployments", []):
+            dep.setdefault("ray_actor_options", {})["num_cpus"] = 0.5
+
+    limited = copy.deepcopy(base)
+    limited.update(name="jpeg_limited", route_prefix="/jpeg_limited")
+    limited["args"].update(LIMITED)
+
+    # One request at a time and a queue of one: concurrent requests are rejected with RESOURCE_EXHAUSTED.
+    backpressure = copy.deepcopy(base)
+    backpressure.update(name="jpeg_backpressure", route_prefix="/jpeg_backpressure")
+    backpressure["args"].update(max_batch_size=1, batch_wait_timeout_s=0.05)
+    backpressure["deployments"] = [
+        {"name": "reward", "max_ongoing_requests": 1, "max_queued_requests": 1, "ray_actor_options": {"num_cpus": 0.5}}
+    ]
+    config["applications"] += [limited, backpressure]
+    return config
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster with logical CPUs for the fleet's replicas and Train workers."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fleet(ray_cluster):
+    """The local profile served for real: Serve gRPC proxy on 127.0.0.1:<free port>."""
+    from deploy.fleet import start_fleet, stop_fleet
+
+    running = start_fleet(test_serve_config())
+    yield running
+    stop_fleet(shutdown_ray=False)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
+
+
+def random_images(rng, n: int, size: int = 64) -> list[np.ndarray]:
+    """Images with structure (smooth gradient + noise patch), so their JPEG sizes differ."""
+    images = []
+    for _ in range(n):
+        y, x = np.mgrid[0:size, 0:size]
+        base = (x * rng.uniform(0, 4) + y * rng.uniform(0, 4)).astype(np.uint8)
+        img = np.stack([base, base[::-1], base.T], axis=-1)
+        k = int(rng.integers(1, size // 2))
+        img[:k, :k] = rng.integers(0, 255, (k, k, 3), dtype=np.uint8)
+        images.append(np.ascontiguousarray(img))
+    return images

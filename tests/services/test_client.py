@@ -1,0 +1,115 @@
+"""The fleet client against the real served reward: chunking, in-flight requests, retries, async, raw fast path."""
+
+import asyncio
+
+import grpc
+import numpy as np
+import pytest
+
+from services.client import RewardClient, RewardServiceError
+from services.registry import build_reward
+from tests.conftest import LIMITED, free_port, random_images
+
+pytestmark = pytest.mark.integration
+
+
+def _in_process(images):
+    reward = build_reward("jpeg_compressibility")
+    reward.load("cpu")
+    return [np.float32(o.reward) for o in reward.score(images, ["p"] * len(images))]
+
+
+def test_chunks_by_sample_count_under_the_server_limit_and_keeps_order(fleet, rng):
+    images = random_images(rng, 11, size=32)
+    # The client asks for 16 per request; the server's limit of 4 (learnt from Describe) wins.
+    client = RewardClient(fleet.grpc_target, "jpeg_limited", max_samples_per_request=16, max_in_flight=3)
+    results = client.score(images, "a cat", ids=[f"id{i}" for i in range(11)])
+    assert client.stats.requests == 3  # 4 + 4 + 3
+    assert [r.id for r in results] == [f"id{i}" for i in range(11)]
+    assert [r.reward for r in results] == _in_process(images)
+
+
+def test_chunks_by_bytes_and_reports_oversized_samples_without_sending(fleet, rng):
+    images = random_images(rng, 7)  # 64x64 raw = 12288 bytes each: 3 fit under 40000
+    too_big = np.zeros((128, 128, 3), np.uint8)  # 49152 bytes alone
+    client = RewardClient(fleet.grpc_target, "jpeg_limited")
+    results = client.score([*images[:3], too_big, *images[3:]], "p")
+    assert client.stats.requests == 3  # 3 + 3 + 1
+    assert results[3].error_code == "NOT_SENT" and np.isnan(results[3].reward)
+    assert str(LIMITED["max_request_bytes"]) in results[3].error_message
+    assert [r.reward for r in results if r.ok] == _in_process(images)
+
+
+def test_a_client_above_the_server_limit_fails_loudly_without_retrying(fleet, rng):
+    client = RewardClient(fleet.grpc_target, "jpeg_limited", max_samples_per_request=8, discover_limits=False)
+    with pytest.raises(RewardServiceError) as e:
+        client.score(random_images(rng, 6), "p")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "more than the limit of 4" in e.value.details
+    assert client.stats.retries == 0
+
+
+def test_retries_resource_exhausted_until_every_sample_is_answered(fleet, rng):
+    # The backpressure app takes one request at a time and queues one; the rest are RESOURCE_EXHAUSTED.
+    images = random_images(rng, 12)
+    client = RewardClient(
+        fleet.grpc_target,
+        "jpeg_backpressure",
+        max_samples_per_request=1,
+        max_in_flight=12,
+        max_retries=30,
+        backoff_s=0.05,
+        max_backoff_s=0.5,
+        discover_limits=False,
+    )
+    results = client.score(images, "p")
+    assert client.stats.retries > 0
+    assert [r.reward for r in results] == _in_process(images)
+
+
+def test_unavailable_is_retried_then_raised():
+    client = RewardClient(
+        f"127.0.0.1:{free_port()}", "jpeg_compressibility", max_retries=2, backoff_s=0.01, discover_limits=False
+    )
+    with pytest.raises(RewardServiceError) as e:
+        client.score([np.zeros((8, 8, 3), np.uint8)], "p")
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    assert client.stats.requests == 3 and client.stats.retries == 2
+
+
+def test_async_client_and_torch_batches_match_the_sync_client(fleet, rng):
+    import torch
+
+    images = random_images(rng, 9)
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W) in [0, 1]
+    client = RewardClient(fleet.grpc_target, "jpeg_compressibility", max_samples_per_request=4)
+
+    async def run():
+        try:
+            return await client.ascore(batch, [f"prompt {i}" for i in range(9)])
+        finally:
+            await client.aclose()
+
+    async_results = asyncio.run(run())
+    sync_results = client.score(images, [f"prompt {i}" for i in range(9)])
+    assert [r.reward for r in async_results] == [r.reward for r in sync_results] == _in_process(images)
+
+
+@pytest.mark.parametrize("image_format", ["png", "webp"])
+def test_encoded_transport_option(fleet, rng, image_format):
+    images = random_images(rng, 3)
+    client = RewardClient(fleet.grpc_target, "jpeg_compressibility", image_format=image_format)
+    results = client.score(images, "p")
+    assert all(r.ok for r in results)
+    if image_format == "png":  # lossless: same pixels, same score
+        assert [r.reward for r in results] == _in_process(images)
+
+
+def test_describe_through_the_client(fleet):
+    client = RewardClient(fleet.grpc_target, "jpeg_compressibility")
+    assert client.describe().name == "jpeg_compressibility"
+
+
+def test_mismatched_inputs_are_rejected_before_sending():
+    client = RewardClient("127.0.0.1:1", "jpeg_compressibility")
+    with pytest.raises(ValueError, match="2 images but 3 prompts"):
+        client.make_samples([np.zeros((4, 4, 3), np.uint8)] * 2, ["a", "b", "c"])

@@ -1,0 +1,135 @@
+"""Through the wire: a real local Ray cluster, real Serve applications, the real gRPC proxy on 127.0.0.1."""
+
+import grpc
+import numpy as np
+import pytest
+
+from protos.reward.v1 import reward_pb2, reward_pb2_grpc
+from services.codec import encode_image
+from services.registry import build_reward
+from tests.conftest import LIMITED, random_images
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stub(fleet):
+    with grpc.insecure_channel(fleet.grpc_target) as channel:
+        yield reward_pb2_grpc.RewardServiceStub(channel)
+
+
+def _score(stub, samples, app="jpeg_compressibility", **kw):
+    return stub.Score(reward_pb2.ScoreRequest(samples=samples, **kw), metadata=(("application", app),), timeout=60)
+
+
+def _raw(image, prompt="a red cube", sample_id=""):
+    h, w, _ = image.shape
+    return reward_pb2.Sample(
+        id=sample_id, prompt=prompt, raw=reward_pb2.RawImage(height=h, width=w, data=image.tobytes())
+    )
+
+
+def _in_process(images):
+    reward = build_reward("jpeg_compressibility")
+    reward.load("cpu")
+    return [np.float32(o.reward) for o in reward.score(images, ["p"] * len(images))]
+
+
+def test_scores_match_in_process_and_keep_order_and_ids(stub, rng):
+    images = random_images(rng, 12)
+    ids = [f"s{i}" for i in rng.permutation(12)]
+    ids[3] = ids[4]  # duplicate ids are echoed too
+    response = _score(stub, [_raw(img, sample_id=i) for img, i in zip(images, ids, strict=True)])
+    assert response.reward_name == "jpeg_compressibility"
+    assert [r.id for r in response.results] == ids
+    assert [r.reward for r in response.results] == _in_process(images)
+    assert all(not r.HasField("error") for r in response.results)
+    assert set(response.results[0].components) == {"jpeg_kb"}
+
+
+def test_encoded_transports_give_the_same_score_as_raw(stub, rng):
+    (image,) = random_images(rng, 1)
+    png = reward_pb2.Sample(id="png", prompt="p", encoded=encode_image(image, "PNG"))
+    response = _score(stub, [_raw(image), png])
+    assert response.results[0].reward == response.results[1].reward
+
+
+def test_bad_samples_get_their_own_error_and_the_rest_are_scored(stub, rng):
+    images = random_images(rng, 3)
+    png = encode_image(images[0], "PNG")
+    samples = [
+        _raw(images[0], sample_id="good0"),
+        reward_pb2.Sample(id="corrupt", prompt="p", encoded=png[: len(png) // 2]),
+        reward_pb2.Sample(id="garbage", prompt="p", encoded=b"\x89PNG not really"),
+        reward_pb2.Sample(id="short_raw", prompt="p", raw=reward_pb2.RawImage(height=4, width=4, data=b"\0" * 47)),
+        reward_pb2.Sample(id="no_image", prompt="p"),
+        _raw(images[1], prompt="   ", sample_id="blank_prompt"),
+        _raw(images[2], sample_id="good2"),
+    ]
+    results = _score(stub, samples).results
+    codes = {r.id: reward_pb2.ErrorCode.Name(r.error.code) for r in results if r.HasField("error")}
+    assert codes == {
+        "corrupt": "INVALID_IMAGE",
+        "garbage": "INVALID_IMAGE",
+        "short_raw": "INVALID_IMAGE",
+        "no_image": "MISSING_IMAGE",
+        "blank_prompt": "INVALID_PROMPT",
+    }
+    assert "expected height*width*3 = 48" in results[3].error.message
+    assert all(np.isnan(r.reward) for r in results if r.HasField("error"))
+    assert [results[0].reward, results[6].reward] == [_in_process(images)[0], _in_process(images)[2]]
+
+
+def test_image_over_the_pixel_limit_is_a_sample_error(stub, rng):
+    # Limit is 128 * 128 pixels; as PNG the image is small in bytes, so only the pixel limit applies.
+    big = reward_pb2.Sample(prompt="p", encoded=encode_image(np.zeros((129, 128, 3), np.uint8), "PNG"))
+    results = _score(stub, [big, _raw(random_images(rng, 1)[0])], app="jpeg_limited").results
+    assert reward_pb2.ErrorCode.Name(results[0].error.code) == "IMAGE_TOO_LARGE"
+    assert not results[1].HasField("error")
+
+
+@pytest.mark.parametrize(
+    "make_request, message",
+    [
+        (lambda img: reward_pb2.ScoreRequest(), "no samples"),
+        (lambda img: reward_pb2.ScoreRequest(samples=[_raw(img)] * 5), "5 samples, more than the limit of 4"),
+        (
+            lambda img: reward_pb2.ScoreRequest(samples=[_raw(np.zeros((100, 100, 3), np.uint8))] * 2),
+            "60000 bytes of image data, more than the limit of 40000",
+        ),
+        (lambda img: reward_pb2.ScoreRequest(samples=[_raw(img)], options={"beams": "4"}), "unknown option"),
+    ],
+)
+def test_malformed_requests_are_invalid_argument_and_the_server_keeps_serving(stub, rng, make_request, message):
+    (image,) = random_images(rng, 1)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Score(make_request(image), metadata=(("application", "jpeg_limited"),), timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in e.value.details()
+    assert _score(stub, [_raw(image)], app="jpeg_limited").results[0].reward == _in_process([image])[0]
+
+
+def test_unknown_application_is_not_found(stub, rng):
+    with pytest.raises(grpc.RpcError) as e:
+        _score(stub, [_raw(random_images(rng, 1)[0])], app="no_such_reward")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no_such_reward" in e.value.details()
+
+
+def test_describe_reports_meaning_range_and_limits(stub):
+    info = stub.Describe(reward_pb2.DescribeRequest(), metadata=(("application", "jpeg_limited"),), timeout=60)
+    assert info.name == "jpeg_compressibility" and info.max_reward == 0.0 and np.isneginf(info.min_reward)
+    assert info.max_samples_per_request == LIMITED["max_samples_per_request"]
+    assert info.max_request_bytes == LIMITED["max_request_bytes"]
+    assert info.max_image_pixels == LIMITED["max_image_pixels"]
+    assert '"quality": 95' in info.config_json
+
+
+def test_serve_builtin_health_and_application_list_answer(fleet):
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    with grpc.insecure_channel(fleet.grpc_target) as channel:
+        api = serve_pb2_grpc.RayServeAPIServiceStub(channel)
+        assert api.Healthz(serve_pb2.HealthzRequest(), timeout=30).message == "success"
+        apps = api.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=30).application_names
+    assert {"jpeg_compressibility", "jpeg_limited", "jpeg_backpressure"} <= set(apps)
