@@ -3,7 +3,8 @@
 Score: minus the size, in kB (1 kB = 1000 bytes), of the image encoded as JPEG at a fixed quality. Range (-inf, 0]:
 0 is unreachable (every JPEG has headers, about 0.6 kB); at quality 95 a flat 512x512 image scores about -4.7 and
 uniform pixel noise at 512x512 about -308 (the lower end grows with the pixel count). Higher means more
-compressible: fewer edges and less texture. It needs no weights, which makes it the reward the trainer's end-to-end tests optimise.
+compressible: fewer edges and less texture. It needs no weights, which makes it the reward the trainer's
+end-to-end tests optimise.
 """
 
 from __future__ import annotations
