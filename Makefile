@@ -1,0 +1,44 @@
+# rewardfleet: `make demo` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: venv demo test lint protos bench clean
+
+venv: $(STAMP)
+
+# Reinstalled whenever pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+# Start the local fleet (embedded CPU profile), score example images over gRPC, print the scores, shut down.
+demo: venv
+	$(BIN)/python -m deploy.demo
+
+# Lint, then the whole suite (real local Ray cluster, Serve and gRPC on 127.0.0.1; no network, no GPU).
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Regenerate the committed gRPC stubs from protos/reward/v1/reward.proto (package-absolute imports).
+protos: venv
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/reward/v1/reward.proto
+
+# Serving benchmark: served vs in-process, batched vs unbatched, raw vs PNG (see benchmarks/README.md).
+bench: venv
+	$(BIN)/python benchmarks/serving.py
+
+clean:
+	rm -rf $(VENV) demo_out runs .pytest_cache .hypothesis

@@ -1,0 +1,201 @@
+"""The `rewardfleet` command line.
+
+    rewardfleet serve                      # local Ray cluster + the local profile; Ctrl-C shuts it down
+    rewardfleet serve --config deploy/cluster.yaml --address auto
+    rewardfleet score images/ --prompt "two green dogs in the city"
+    rewardfleet score pairs.jsonl --app jpeg_compressibility --output json
+    rewardfleet describe --app jpeg_compressibility
+    rewardfleet rewards
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from deploy.fleet import LOCAL_PROFILE
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reward-scoring fleet for text-to-image models.")
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+DEFAULT_TARGET = "127.0.0.1:9000"
+
+
+@app.command()
+def serve(
+    config: Annotated[Path, typer.Option(help="Serve config file (a profile in deploy/ or your own).")] = LOCAL_PROFILE,
+    num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of the local Ray cluster it starts.")] = None,
+    address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto') instead.")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="Override grpc_options.port of the config.")] = None,
+) -> None:
+    """Start a Ray cluster (or join one) and serve every reward application of a Serve config over gRPC."""
+    from deploy.fleet import load_serve_config, start_fleet, stop_fleet
+
+    serve_config = load_serve_config(config, grpc_port=grpc_port)
+    stop = threading.Event()
+    # SIGTERM (docker stop, kill) shuts down as cleanly as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        fleet = start_fleet(serve_config, num_cpus=num_cpus, address=address)
+        typer.echo(f"rewardfleet serving on {fleet.grpc_target} (gRPC, reward.v1.RewardService)")
+        for name in fleet.applications:
+            typer.echo(f"  application: {name}")
+        typer.echo("Ctrl-C to stop.")
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        typer.echo("shutting down...")
+        stop_fleet(shutdown_ray=address is None)
+
+
+def read_pairs(path: Path, prompt: str | None) -> list[tuple[str, Path, str]]:
+    """(id, image path, prompt) from a folder of images + one prompt, or from a JSONL of {image, prompt[, id]}."""
+    if path.is_dir():
+        if not prompt:
+            raise typer.BadParameter("scoring a folder needs --prompt")
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise typer.BadParameter(f"no {sorted(IMAGE_SUFFIXES)} files in {path}")
+        return [(p.name, p, prompt) for p in files]
+    if path.suffix != ".jsonl":
+        raise typer.BadParameter(f"{path} is neither a folder of images nor a .jsonl file")
+    pairs = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image, row_prompt = row["image"], row.get("prompt", prompt)
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise typer.BadParameter(f"{path}:{n}: expected {{'image': ..., 'prompt': ...}} ({e})") from None
+        if not row_prompt:
+            raise typer.BadParameter(f"{path}:{n}: no prompt (and no --prompt default)")
+        image_path = (path.parent / image) if not Path(image).is_absolute() else Path(image)
+        pairs.append((str(row.get("id", image)), image_path, row_prompt))
+    return pairs
+
+
+def score_files(
+    pairs: list[tuple[str, Path, str]], target: str, application: str, chunk: int = 64, progress: bool = True
+) -> list[dict]:
+    """Scores image files over gRPC (files travel encoded, as they are); one row per pair, in order."""
+    from tqdm import tqdm
+
+    from services.client import RewardClient
+
+    rows = []
+    with RewardClient(target, application) as client, tqdm(
+        total=len(pairs), desc=f"scoring ({application})", unit="img", disable=not progress, file=sys.stderr
+    ) as bar:
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start : start + chunk]
+            images = []
+            for _, image_path, _ in part:
+                try:
+                    images.append(image_path.read_bytes())
+                except OSError as e:
+                    raise typer.BadParameter(f"cannot read {image_path}: {e}") from None
+            results = client.score(images, [p for _, _, p in part], ids=[i for i, _, _ in part])
+            for (sample_id, image_path, prompt), r in zip(part, results, strict=True):
+                rows.append(
+                    {
+                        "id": sample_id,
+                        "image": str(image_path),
+                        "prompt": prompt,
+                        "reward": None if math.isnan(r.reward) else r.reward,
+                        "components": r.components,
+                        **({"caption": r.caption} if r.caption is not None else {}),
+                        **({"segments": [s.__dict__ for s in r.segments]} if r.segments else {}),
+                        "error": f"{r.error_code}: {r.error_message}" if r.error_code else None,
+                    }
+                )
+            bar.update(len(part))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: id, reward, components (and caption), error."""
+    header = ("id", "reward", "details")
+    lines = []
+    for r in rows:
+        details = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["components"].items()))
+        if r.get("caption") is not None:
+            details += f' caption="{r["caption"]}"'
+        if r["error"]:
+            details = r["error"]
+        reward = "-" if r["reward"] is None else f"{r['reward']:.4f}"
+        lines.append((r["id"], reward, details))
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header[:2])]
+    out = [f"{header[0]:<{widths[0]}}  {header[1]:>{widths[1]}}  {header[2]}"]
+    out += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c}" for a, b, c in lines]
+    return "\n".join(out)
+
+
+@app.command()
+def score(
+    path: Annotated[Path, typer.Argument(help="A folder of PNG/JPEG/WebP images, or a JSONL of {image, prompt}.")],
+    prompt: Annotated[str | None, typer.Option(help="Prompt for every image of a folder (JSONL default).")] = None,
+    app_name: Annotated[str, typer.Option("--app", help="Reward application to ask.")] = "jpeg_compressibility",
+    target: Annotated[str, typer.Option(help="host:port of the fleet's gRPC proxy.")] = DEFAULT_TARGET,
+    output: Annotated[str, typer.Option(help="table or json (JSON lines).")] = "table",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+) -> None:
+    """Score images against prompts with one reward application, over gRPC."""
+    from services.client import RewardServiceError
+
+    if output not in ("table", "json"):
+        raise typer.BadParameter("--output must be table or json")
+    pairs = read_pairs(path, prompt)
+    try:
+        rows = score_files(pairs, target, app_name, progress=progress)
+    except RewardServiceError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if output == "json":
+        for row in rows:
+            typer.echo(json.dumps(row))
+    else:
+        typer.echo(format_table(rows))
+    failed = sum(1 for r in rows if r["error"])
+    if failed:
+        typer.echo(f"{failed} of {len(rows)} samples could not be scored (see the error column)", err=True)
+
+
+@app.command()
+def describe(
+    app_name: Annotated[str, typer.Option("--app", help="Reward application to ask.")] = "jpeg_compressibility",
+    target: Annotated[str, typer.Option(help="host:port of the fleet's gRPC proxy.")] = DEFAULT_TARGET,
+) -> None:
+    """Print what a served reward's score means, its range, models and limits."""
+    from google.protobuf.json_format import MessageToDict
+
+    from services.client import RewardClient, RewardServiceError
+
+    try:
+        info = RewardClient(target, app_name).describe()
+    except RewardServiceError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
+
+
+@app.command()
+def rewards() -> None:
+    """List the registered reward names."""
+    from services.registry import reward_names
+
+    for name in reward_names():
+        typer.echo(name)
+
+
+if __name__ == "__main__":
+    app()

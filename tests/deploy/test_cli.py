@@ -1,0 +1,99 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from deploy.cli import app, read_pairs
+from deploy.demo import make_example_images
+from deploy.fleet import LOCAL_PROFILE, load_serve_config
+from services.client import RewardClient
+from tests.conftest import free_port
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def example_images(tmp_path_factory):
+    return make_example_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.mark.integration
+def test_score_a_folder_prints_a_row_per_image(fleet, example_images):
+    folder = example_images[0].parent
+    result = runner.invoke(
+        app, ["score", str(folder), "--prompt", "a red disc", "--target", fleet.grpc_target, "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    for path in example_images:
+        assert path.name in result.stdout
+    assert "INVALID_IMAGE" in result.stdout  # the corrupt example
+    assert "jpeg_kb=" in result.stdout
+
+
+@pytest.mark.integration
+def test_score_a_jsonl_as_json_lines(fleet, example_images, tmp_path):
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text(
+        "\n".join(json.dumps({"image": str(p), "prompt": f"prompt {i}"}) for i, p in enumerate(example_images[:3]))
+    )
+    result = runner.invoke(
+        app, ["score", str(jsonl), "--output", "json", "--target", fleet.grpc_target, "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["prompt 0", "prompt 1", "prompt 2"]
+    assert all(r["reward"] < 0 and r["error"] is None for r in rows)
+
+
+def test_bad_inputs_are_named(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "prompt": "x"}\n{"prompt": "no image"}\n')
+    with pytest.raises(Exception, match=r"bad.jsonl:2"):
+        read_pairs(bad, None)
+    result = runner.invoke(app, ["score", str(tmp_path), "--target", "127.0.0.1:1"])
+    assert result.exit_code != 0 and "needs --prompt" in result.output
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_serve_command_serves_until_ctrl_c_then_shuts_down(tmp_path, example_images):
+    # Its own Ray cluster in a subprocess, as a user would run it.
+    port = free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(load_serve_config(LOCAL_PROFILE, grpc_port=port, http_port=free_port())))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "serve", "--config", str(config), "--num-cpus", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 120
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "Ctrl-C to stop" in line or proc.poll() is not None:
+                break
+        assert any(f"serving on 127.0.0.1:{port}" in x for x in lines), "".join(lines)
+        (result,) = RewardClient(f"127.0.0.1:{port}", "jpeg_compressibility").score(
+            [example_images[0].read_bytes()], "p"
+        )
+        assert result.ok and result.reward < 0
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "shutting down" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
