@@ -1,11 +1,11 @@
 """The `rewardfleet` command line.
 
-    rewardfleet serve                      # local Ray cluster + the local profile; Ctrl-C shuts it down
-    rewardfleet serve --config deploy/cluster.yaml --address auto
-    rewardfleet score images/ --prompt "two green dogs in the city"
-    rewardfleet score pairs.jsonl --app jpeg_compressibility --output json
-    rewardfleet describe --app jpeg_compressibility
-    rewardfleet rewards
+rewardfleet serve                      # local Ray cluster + the local profile; Ctrl-C shuts it down
+rewardfleet serve --config deploy/cluster.yaml --address auto
+rewardfleet score images/ --prompt "two green dogs in the city"
+rewardfleet score pairs.jsonl --app jpeg_compressibility --output json
+rewardfleet describe --app jpeg_compressibility
+rewardfleet rewards
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ DEFAULT_TARGET = "127.0.0.1:9000"
 
 @app.command()
 def serve(
-    config: Annotated[Path, typer.Option(help="Serve config file (a profile in deploy/ or your own).")] = LOCAL_PROFILE,
+    config: Annotated[Path, typer.Option(help="Serve config file (a deploy/ profile or your own).")] = LOCAL_PROFILE,
     num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of the local Ray cluster it starts.")] = None,
     address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto') instead.")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="Override grpc_options.port of the config.")] = None,
@@ -93,9 +93,12 @@ def score_files(
     from services.client import RewardClient
 
     rows = []
-    with RewardClient(target, application) as client, tqdm(
-        total=len(pairs), desc=f"scoring ({application})", unit="img", disable=not progress, file=sys.stderr
-    ) as bar:
+    with (
+        RewardClient(target, application) as client,
+        tqdm(
+            total=len(pairs), desc=f"scoring ({application})", unit="img", disable=not progress, file=sys.stderr
+        ) as bar,
+    ):
         for start in range(0, len(pairs), chunk):
             part = pairs[start : start + chunk]
             images = []

@@ -55,7 +55,8 @@ def main() -> int:
     # 2. The local fleet (embedded profile: CPU, weight-free / tiny models).
     t0 = time.perf_counter()
     fleet = start_fleet(LOCAL_PROFILE, num_cpus=4)
-    print(f"[demo] fleet up on {fleet.grpc_target} in {time.perf_counter() - t0:.1f}s: {', '.join(fleet.applications)}")
+    elapsed = time.perf_counter() - t0
+    print(f"[demo] fleet up on {fleet.grpc_target} in {elapsed:.1f}s: {', '.join(fleet.applications)}")
     try:
         # 3. Score every example image with every reward application, over gRPC.
         prompt = "a red disc in a blue sky"

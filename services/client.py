@@ -30,9 +30,25 @@ from typing import Any
 
 import grpc
 
-from protos.reward.v1 import reward_pb2, reward_pb2_grpc
-from services.codec import encode_image, sample_image_bytes, to_hwc_uint8
+from protos.reward.v1 import reward_pb2
+from services.codec import encode_image, to_hwc_uint8
 from services.reward import SegmentScore
+
+_SCORE_METHOD = "/reward.v1.RewardService/Score"
+_DESCRIBE_METHOD = "/reward.v1.RewardService/Describe"
+# Field 1 (ScoreRequest.samples), wire type 2 (length-delimited): (1 << 3) | 2.
+_SAMPLES_TAG = b"\x0a"
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int (the length prefix of a length-delimited field)."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
 
 # Status codes worth retrying: the server is restarting, overloaded, or a replica is gone.
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
@@ -152,10 +168,10 @@ class RewardClient:
         self._options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
-        self._stub: reward_pb2_grpc.RewardServiceStub | None = None
+        self._stub: dict[str, Any] | None = None
         self._pool: ThreadPoolExecutor | None = None
         # Event loop id -> (loop, aio channel, stub).
-        self._aio: dict[int, tuple[Any, grpc.aio.Channel, reward_pb2_grpc.RewardServiceStub]] = {}
+        self._aio: dict[int, tuple[Any, grpc.aio.Channel, dict[str, Any]]] = {}
 
     # --- building requests --------------------------------------------------------------------------------------
 
@@ -174,49 +190,56 @@ class RewardClient:
             raise ValueError(f"got {len(images)} images but {len(ids)} ids")
         return [make_sample(i, p, x, self.image_format) for i, p, x in zip(ids, prompts, images, strict=True)]
 
-    def plan(self, samples: Sequence[reward_pb2.Sample]) -> tuple[list[reward_pb2.ScoreRequest], list[Any]]:
-        """Splits samples into requests under the limits, keeping order.
+    def plan(self, samples: Sequence[reward_pb2.Sample]) -> tuple[list[bytes], list[int], list[Any]]:
+        """Splits samples into serialized requests under the limits, keeping order.
 
-        Returns the requests and a slot per sample: the index of its request, or a `ScoreResult` with a NOT_SENT
-        error for a sample larger than `max_request_bytes` on its own.
+        Each sample is serialized once and requests are framed from those bytes (the wire format of
+        `repeated Sample samples = 1`), so a 25 MB batch is not copied and re-serialized per request.
+        Returns the request bytes, the sample count of each request, and a slot per sample: the index of its
+        request, or a `ScoreResult` with a NOT_SENT error for a sample larger than the byte limit on its own.
         """
         max_samples, max_bytes = self.max_samples_per_request, self.max_request_bytes
         if self._server_limits is not None:
             max_samples, max_bytes = min(max_samples, self._server_limits[0]), min(max_bytes, self._server_limits[1])
-        requests: list[reward_pb2.ScoreRequest] = []
+        requests: list[bytes] = []
+        counts: list[int] = []
         slots: list[Any] = []
-        current: list[reward_pb2.Sample] = []
+        current: list[bytes] = []
         current_bytes = 0
+
+        def flush():
+            requests.append(b"".join(current))
+            counts.append(len(current))
+
         for s in samples:
-            size = sample_image_bytes(s)
+            size = s.ByteSize()  # what the server's byte limit counts
             if size > max_bytes:
                 slots.append(
                     ScoreResult(
                         id=s.id,
                         reward=math.nan,
                         error_code="NOT_SENT",
-                        error_message=f"image payload of {size} bytes exceeds the request limit of {max_bytes} bytes",
+                        error_message=f"sample of {size} bytes exceeds the request limit of {max_bytes} bytes",
                     )
                 )
                 continue
             if current and (len(current) >= max_samples or current_bytes + size > max_bytes):
-                requests.append(reward_pb2.ScoreRequest(samples=current))
+                flush()
                 current, current_bytes = [], 0
-            current.append(s)
+            body = s.SerializeToString()
+            current.append(_SAMPLES_TAG + _varint(len(body)) + body)
             current_bytes += size
             slots.append(len(requests))
         if current:
-            requests.append(reward_pb2.ScoreRequest(samples=current))
-        return requests, slots
+            flush()
+        return requests, counts, slots
 
-    def _assemble(self, requests, responses, slots) -> list[ScoreResult]:
+    def _assemble(self, counts, responses, slots) -> list[ScoreResult]:
         per_request = []
-        for req, resp in zip(requests, responses, strict=True):
-            if len(resp.results) != len(req.samples):
+        for n, resp in zip(counts, responses, strict=True):
+            if len(resp.results) != n:
                 raise RewardServiceError(
-                    self.application,
-                    None,
-                    f"server returned {len(resp.results)} results for {len(req.samples)} samples",
+                    self.application, None, f"server returned {len(resp.results)} results for {n} samples"
                 )
             per_request.append(iter(resp.results))
         out = []
@@ -231,13 +254,27 @@ class RewardClient:
     def _backoff(self, attempt: int) -> float:
         return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
 
+    @staticmethod
+    def _methods(channel) -> dict[str, Any]:
+        # Score takes pre-serialized request bytes (see `plan`); Describe is an ordinary call.
+        return {
+            "Score": channel.unary_unary(
+                _SCORE_METHOD, request_serializer=None, response_deserializer=reward_pb2.ScoreResponse.FromString
+            ),
+            "Describe": channel.unary_unary(
+                _DESCRIBE_METHOD,
+                request_serializer=reward_pb2.DescribeRequest.SerializeToString,
+                response_deserializer=reward_pb2.DescribeResponse.FromString,
+            ),
+        }
+
     # --- sync API -----------------------------------------------------------------------------------------------
 
-    def _sync(self) -> tuple[reward_pb2_grpc.RewardServiceStub, ThreadPoolExecutor]:
+    def _sync(self) -> tuple[dict[str, Any], ThreadPoolExecutor]:
         with self._lock:
             if self._stub is None:
                 self._channel = grpc.insecure_channel(self.target, options=self._options)
-                self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
+                self._stub = self._methods(self._channel)
                 self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="reward-client")
             return self._stub, self._pool
 
@@ -246,7 +283,7 @@ class RewardClient:
         for attempt in range(self.max_retries + 1):
             self.stats.requests += method == "Score"
             try:
-                return getattr(stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
+                return stub[method](request, timeout=self.timeout_s, metadata=self.metadata)
             except grpc.RpcError as e:
                 if e.code() not in RETRYABLE_CODES or attempt == self.max_retries:
                     raise RewardServiceError(self.application, e.code(), e.details() or "") from None
@@ -258,10 +295,10 @@ class RewardClient:
         """Scores prepared samples; see `score`."""
         if self.discover_limits and self._server_limits is None:
             self._set_server_limits(self.describe())
-        requests, slots = self.plan(samples)
+        requests, counts, slots = self.plan(samples)
         _, pool = self._sync()
         responses = list(pool.map(lambda r: self._call("Score", r), requests))
-        return self._assemble(requests, responses, slots)
+        return self._assemble(counts, responses, slots)
 
     def score(self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None) -> list[ScoreResult]:
         """Scores images against prompts; one result per image, in order."""
@@ -272,13 +309,13 @@ class RewardClient:
 
     # --- asyncio API --------------------------------------------------------------------------------------------
 
-    def _async_stub(self) -> reward_pb2_grpc.RewardServiceStub:
+    def _async_stub(self) -> dict[str, Any]:
         # An aio channel belongs to the event loop that made it.
         loop = asyncio.get_running_loop()
         entry = self._aio.get(id(loop))
         if entry is None or entry[0] is not loop:  # ids of dead loops get reused
             channel = grpc.aio.insecure_channel(self.target, options=self._options)
-            entry = self._aio[id(loop)] = (loop, channel, reward_pb2_grpc.RewardServiceStub(channel))
+            entry = self._aio[id(loop)] = (loop, channel, self._methods(channel))
         return entry[2]
 
     async def _acall(self, method: str, request: Any) -> Any:
@@ -286,7 +323,7 @@ class RewardClient:
         for attempt in range(self.max_retries + 1):
             self.stats.requests += method == "Score"
             try:
-                return await getattr(stub, method)(request, timeout=self.timeout_s, metadata=self.metadata)
+                return await stub[method](request, timeout=self.timeout_s, metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE_CODES or attempt == self.max_retries:
                     raise RewardServiceError(self.application, e.code(), e.details() or "") from None
@@ -298,7 +335,7 @@ class RewardClient:
         """Scores prepared samples; see `ascore`."""
         if self.discover_limits and self._server_limits is None:
             self._set_server_limits(await self.adescribe())
-        requests, slots = self.plan(samples)
+        requests, counts, slots = self.plan(samples)
         window = asyncio.Semaphore(self.max_in_flight)
 
         async def one(request):
@@ -306,7 +343,7 @@ class RewardClient:
                 return await self._acall("Score", request)
 
         responses = await asyncio.gather(*(one(r) for r in requests))
-        return self._assemble(requests, responses, slots)
+        return self._assemble(counts, responses, slots)
 
     async def ascore(
         self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None

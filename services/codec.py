@@ -88,16 +88,6 @@ def decode_sample_image(sample: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS)
     raise ImageError("MISSING_IMAGE", "sample has no image (set `encoded` or `raw`)")
 
 
-def sample_image_bytes(sample: Any) -> int:
-    """Bytes of image payload a `reward.v1.Sample` carries (what request byte limits count)."""
-    kind = sample.WhichOneof("image")
-    if kind == "encoded":
-        return len(sample.encoded)
-    if kind == "raw":
-        return len(sample.raw.data)
-    return 0
-
-
 def to_hwc_uint8(image: Any) -> np.ndarray:
     """Converts a client-side image to the canonical (H, W, 3) uint8 RGB array.
 

@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from protos.reward.v1 import reward_pb2
-from services.codec import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_sample_image, sample_image_bytes
+from services.codec import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_sample_image
 from services.config import to_dict
 from services.registry import build_reward
 from services.reward import RewardOutput, SampleFailure
@@ -55,7 +55,7 @@ class RewardAppArgs(BaseModel):
     batch_wait_timeout_s: float = Field(default=0.01, ge=0.0)
     # Most samples in one ScoreRequest.
     max_samples_per_request: int = Field(default=256, ge=1)
-    # Most bytes of image payload in one ScoreRequest (256 raw 512x512 images are 192 MiB).
+    # Most bytes of samples (serialized: image, prompt, id) in one ScoreRequest (256 raw 512x512 images: 192 MiB).
     max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     # Most pixels (height * width) in one image, checked before decoding.
     max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
@@ -120,11 +120,17 @@ class RewardDeployment:
     # --- RPCs ---------------------------------------------------------------------------------------------------
 
     async def Score(
-        self, request: reward_pb2.ScoreRequest, grpc_context: RayServegRPCContext | None = None
+        self, request: reward_pb2.ScoreRequest | bytes, grpc_context: RayServegRPCContext | None = None
     ) -> reward_pb2.ScoreResponse:
         if not self._addressed_to_me(grpc_context):
             return reward_pb2.ScoreResponse()
-        problem = self.request_problem(request)
+        problem = None
+        if isinstance(request, bytes):  # passed through the proxy unparsed (services.grpc_proxy)
+            try:
+                request = reward_pb2.ScoreRequest.FromString(request)
+            except Exception as e:  # protobuf's DecodeError
+                request, problem = None, f"request is not a valid reward.v1.ScoreRequest message ({e})"
+        problem = problem or self.request_problem(request)
         if problem is not None:
             if grpc_context is not None:
                 grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
@@ -197,10 +203,11 @@ class RewardDeployment:
                 f"ScoreRequest has {n} samples, more than the limit of {self.args.max_samples_per_request} per "
                 "request; split it into several requests (the Python client does)"
             )
-        payload = sum(sample_image_bytes(s) for s in request.samples)
+        # ByteSize is the samples' serialized size, computed without copying the image bytes.
+        payload = sum(s.ByteSize() for s in request.samples)
         if payload > self.args.max_request_bytes:
             return (
-                f"ScoreRequest carries {payload} bytes of image data, more than the limit of "
+                f"ScoreRequest carries {payload} bytes of samples, more than the limit of "
                 f"{self.args.max_request_bytes} bytes per request; split it into several requests"
             )
         unknown = sorted(set(request.options) - self._accepted_options)

@@ -113,3 +113,16 @@ def test_mismatched_inputs_are_rejected_before_sending():
     client = RewardClient("127.0.0.1:1", "jpeg_compressibility")
     with pytest.raises(ValueError, match="2 images but 3 prompts"):
         client.make_samples([np.zeros((4, 4, 3), np.uint8)] * 2, ["a", "b", "c"])
+
+
+def test_framed_requests_are_byte_identical_to_protobuf_serialization(rng):
+    from protos.reward.v1 import reward_pb2
+
+    client = RewardClient("127.0.0.1:1", "jpeg_compressibility", max_samples_per_request=3, discover_limits=False)
+    # Sizes whose varint length prefixes take 1, 2 and 3 bytes.
+    images = [np.zeros((1, 1, 3), np.uint8), *random_images(rng, 2, 16), *random_images(rng, 2, 100)]
+    samples = client.make_samples(images, [f"prompt {i}" for i in range(5)])
+    requests, counts, _ = client.plan(samples)
+    assert counts == [3, 2]
+    assert requests[0] == reward_pb2.ScoreRequest(samples=samples[:3]).SerializeToString()
+    assert requests[1] == reward_pb2.ScoreRequest(samples=samples[3:]).SerializeToString()

@@ -13,7 +13,6 @@ from services.codec import (
     decode_raw,
     decode_sample_image,
     encode_image,
-    sample_image_bytes,
     to_hwc_uint8,
 )
 
@@ -106,7 +105,6 @@ def test_sample_without_image():
     with pytest.raises(ImageError) as e:
         decode_sample_image(reward_pb2.Sample(prompt="x"))
     assert e.value.code == "MISSING_IMAGE"
-    assert sample_image_bytes(reward_pb2.Sample(prompt="x")) == 0
 
 
 def test_to_hwc_uint8_layouts():

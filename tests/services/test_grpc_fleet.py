@@ -95,7 +95,7 @@ def test_image_over_the_pixel_limit_is_a_sample_error(stub, rng):
         (lambda img: reward_pb2.ScoreRequest(samples=[_raw(img)] * 5), "5 samples, more than the limit of 4"),
         (
             lambda img: reward_pb2.ScoreRequest(samples=[_raw(np.zeros((100, 100, 3), np.uint8))] * 2),
-            "60000 bytes of image data, more than the limit of 40000",
+            "bytes of samples, more than the limit of 40000",
         ),
         (lambda img: reward_pb2.ScoreRequest(samples=[_raw(img)], options={"beams": "4"}), "unknown option"),
     ],
@@ -107,6 +107,21 @@ def test_malformed_requests_are_invalid_argument_and_the_server_keeps_serving(st
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in e.value.details()
     assert _score(stub, [_raw(image)], app="jpeg_limited").results[0].reward == _in_process([image])[0]
+
+
+def test_bytes_that_are_not_a_score_request_are_invalid_argument(fleet, stub, rng):
+    # Score requests pass the proxy unparsed (services.grpc_proxy); the replica must reject garbage cleanly.
+    with grpc.insecure_channel(fleet.grpc_target) as channel:
+        raw_score = channel.unary_unary(
+            "/reward.v1.RewardService/Score",
+            request_serializer=None,
+            response_deserializer=reward_pb2.ScoreResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            raw_score(b"\x0a\xff\xff\xff\x0fnot a message", metadata=(("application", "jpeg_compressibility"),))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid reward.v1.ScoreRequest" in e.value.details()
+    assert not _score(stub, [_raw(random_images(rng, 1)[0])]).results[0].HasField("error")
 
 
 def test_unknown_application_is_not_found(stub, rng):

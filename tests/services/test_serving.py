@@ -50,10 +50,10 @@ def test_a_raising_batch_is_rescored_one_by_one_so_only_the_bad_sample_fails():
 
 def test_request_problems_are_named_before_decoding():
     dep = _deployment(reward="jpeg_compressibility", max_samples_per_request=2, max_request_bytes=100)
-    sample = reward_pb2.Sample(prompt="p", encoded=b"x" * 60)
+    sample = reward_pb2.Sample(prompt="p", encoded=b"x" * 57)  # 57 + 3 (prompt) + 2 (tag, length) = 62 bytes
     assert dep.request_problem(reward_pb2.ScoreRequest()) == "ScoreRequest has no samples"
     assert "3 samples, more than the limit of 2" in dep.request_problem(reward_pb2.ScoreRequest(samples=[sample] * 3))
-    assert "120 bytes of image data, more than the limit of 100" in dep.request_problem(
+    assert "124 bytes of samples, more than the limit of 100" in dep.request_problem(
         reward_pb2.ScoreRequest(samples=[sample] * 2)
     )
     assert "unknown option(s) ['beam']" in dep.request_problem(
