@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from deploy.cli import app, read_pairs
 from deploy.demo import make_example_images
 from deploy.fleet import LOCAL_PROFILE, load_serve_config
-from services.client import RewardClient
+from services.client import RewardClient, RewardServiceError
 from tests.conftest import free_port
 
 runner = CliRunner()
@@ -90,6 +91,10 @@ def test_serve_command_serves_until_ctrl_c_then_shuts_down(tmp_path, example_ima
             [example_images[0].read_bytes()], "p"
         )
         assert result.ok and result.reward < 0
+        # One application only: Serve's proxy would route any name to it; the deployment must refuse.
+        with pytest.raises(RewardServiceError) as e:
+            RewardClient(f"127.0.0.1:{port}", "caption").score([example_images[0].read_bytes()], "p")
+        assert e.value.code == grpc.StatusCode.NOT_FOUND and "'caption' not found" in e.value.details
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
