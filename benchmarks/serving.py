@@ -1,12 +1,12 @@
 """Serving benchmark (not a test): the cost of serving a reward over gRPC, and the gain of batching, in one run.
 
-    make bench            # or: .venv/bin/python benchmarks/serving.py --size 512 --seconds 10
+    make bench            # or: .venv/bin/python benchmarks/serving.py --app caption --size 256 --seconds 10
 
-Measures, side by side on the same machine and images:
-1. in-process `reward.score` on batches of 32 vs the same batches served over gRPC (1 and 4 requests in flight);
-2. 64 concurrent single-sample clients against the reward with cross-request batching vs batching disabled;
-3. raw vs PNG transport at batch 32 (PNG encoding on the client included).
-Reward: jpeg_compressibility (weight-free, so this measures the serving path, not a model).
+Measures one application of the local profile, side by side on the same machine and images:
+1. in-process `reward.score` at batch 1 and 32 vs the same served over gRPC (1 and 4 requests in flight);
+2. raw vs PNG transport at batch 32 (PNG encoding on the client included);
+3. 64 concurrent single-sample clients with cross-request batching vs batching disabled.
+The in-process reward and the replica each get one torch thread.
 """
 
 from __future__ import annotations
@@ -54,56 +54,71 @@ def run_for(seconds: float, fn) -> tuple[int, list[float], float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--app", default="jpeg_compressibility", help="application of deploy/local.yaml to measure")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--seconds", type=float, default=8.0, help="duration of each measurement")
     parser.add_argument("--clients", type=int, default=64, help="concurrent single-sample clients")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
+    parser.add_argument("--batch-wait-s", type=float, default=None, help="override the app's batch_wait_timeout_s")
     args = parser.parse_args()
+
+    import torch
 
     from deploy.fleet import LOCAL_PROFILE, load_serve_config, start_fleet, stop_fleet
     from services.client import RewardClient
     from services.registry import build_reward
+    from services.tiny_models import save_tiny_models
+
+    # The profile's application, plus the same one with batching disabled; nothing else competes for the cores.
+    config = load_serve_config(LOCAL_PROFILE)
+    base = next(a for a in config["applications"] if a["name"] == args.app)
+    base["args"]["torch_threads"] = 1  # one torch thread on each side of the comparison
+    if args.batch_wait_s is not None:
+        base["args"]["batch_wait_timeout_s"] = args.batch_wait_s
+    unbatched = copy.deepcopy(base)
+    unbatched.update(name=f"{args.app}_unbatched", route_prefix=f"/{args.app}_unbatched")
+    unbatched["args"]["max_batch_size"] = 1
+    config["applications"] = [base, unbatched]
 
     images = make_images(64, args.size)
     batch = images[:32]
     prompts = ["a red disc in a blue sky"] * 32
     rows: list[tuple[str, float, str, str]] = []  # (case, images/s, p50 ms, p99 ms)
 
-    # 1a. In-process.
-    reward = build_reward("jpeg_compressibility")
-    reward.load("cpu")
-    calls, lat, elapsed = run_for(args.seconds, lambda: reward.score(batch, prompts))
-    in_process = calls * 32 / elapsed
-    rows.append(("in-process, batch 32", in_process, f"{pct(lat, 50):.1f}", f"{pct(lat, 99):.1f}"))
+    def measure(case: str, n_images: int, fn) -> float:
+        calls, lat, elapsed = run_for(args.seconds, fn)
+        rate = calls * n_images / elapsed
+        rows.append((case, rate, f"{pct(lat, 50):.1f}", f"{pct(lat, 99):.1f}"))
+        return rate
 
-    # The local profile's reward (batched) plus the same reward with batching disabled.
-    config = load_serve_config(LOCAL_PROFILE)
-    base = next(a for a in config["applications"] if a["name"] == "jpeg_compressibility")
-    unbatched = copy.deepcopy(base)
-    unbatched.update(name="jpeg_unbatched", route_prefix="/jpeg_unbatched")
-    unbatched["args"]["max_batch_size"] = 1
-    config["applications"] = [base, unbatched]
+    # 1. In-process, the same reward and config as served.
+    save_tiny_models()
+    torch.set_num_threads(1)
+    reward = build_reward(base["args"]["reward"], base["args"].get("reward_config"))
+    reward.load("cpu")
+    reward.score(batch[:2], prompts[:2])  # warm-up
+    measure("in-process, batch 1", 1, lambda: reward.score(batch[:1], prompts[:1]))
+    in_process = measure("in-process, batch 32", 32, lambda: reward.score(batch, prompts))
+    reward = None  # free its memory before the replicas load the same models
+
     fleet = start_fleet(config, num_cpus=args.num_cpus)
     try:
-        # 1b. Served, batch 32: one request at a time (latency), then 4 in flight (throughput).
-        client = RewardClient(fleet.grpc_target, "jpeg_compressibility", max_samples_per_request=32, max_in_flight=4)
+        # 2. Served: batch 1 and 32 with one request in flight (latency), 32 with 4 in flight (throughput).
+        client = RewardClient(fleet.grpc_target, args.app, max_samples_per_request=32, max_in_flight=4)
         client.score(batch, prompts)  # warm-up
-        calls, lat, elapsed = run_for(args.seconds, lambda: client.score(batch, prompts))
-        p50, p99 = f"{pct(lat, 50):.1f}", f"{pct(lat, 99):.1f}"
-        rows.append(("served, batch 32, 1 in flight", calls * 32 / elapsed, p50, p99))
-        # 4 requests of 32 per call; client-side preparation counted, as in the 1-in-flight case.
-        calls, lat, elapsed = run_for(args.seconds, lambda: client.score(images[:32] * 4, prompts * 4))
-        served4 = calls * 128 / elapsed
-        rows.append(("served, batch 32, 4 in flight", served4, "-", "-"))
+        measure("served, batch 1, 1 in flight", 1, lambda: client.score(batch[:1], prompts[:1]))
+        measure("served, batch 32, 1 in flight", 32, lambda: client.score(batch, prompts))
+        served4 = measure("served, batch 32, 4 in flight", 128, lambda: client.score(images[:32] * 4, prompts * 4))
 
         # 3. PNG transport (client-side encoding counted), 4 in flight.
         png_client = RewardClient(
-            fleet.grpc_target, "jpeg_compressibility", max_samples_per_request=32, max_in_flight=4, image_format="png"
+            fleet.grpc_target, args.app, max_samples_per_request=32, max_in_flight=4, image_format="png"
         )
-        calls, lat, elapsed = run_for(args.seconds, lambda: png_client.score(images[:32] * 4, prompts * 4))
-        rows.append(("served, batch 32, 4 in flight, PNG transport", calls * 128 / elapsed, "-", "-"))
+        png = measure(
+            "served, batch 32, 4 in flight, PNG", 128, lambda: png_client.score(images[:32] * 4, prompts * 4)
+        )
 
-        # 2. Many concurrent single-sample clients: batched vs unbatched.
+        # 4. Many concurrent single-sample clients: cross-request batching vs batching disabled.
         def concurrent(app: str) -> tuple[float, list[float]]:
             async def go():
                 client = RewardClient(fleet.grpc_target, app, max_samples_per_request=1)
@@ -126,27 +141,24 @@ def main() -> None:
 
             return asyncio.run(go())
 
-        for app, label in [("jpeg_compressibility", "batched (max 32)"), ("jpeg_unbatched", "batching disabled")]:
+        rates = {}
+        for app, label in [(args.app, "batched (max 32)"), (f"{args.app}_unbatched", "batching disabled")]:
             rate, lat = concurrent(app)
+            rates[label] = rate
             rows.append(
                 (f"{args.clients} single-sample clients, {label}", rate, f"{pct(lat, 50):.1f}", f"{pct(lat, 99):.1f}")
             )
     finally:
         stop_fleet()
 
-    by_case = {case: rate for case, rate, _, _ in rows}
-    print(f"\njpeg_compressibility, {args.size}x{args.size} images, {os.cpu_count()} cores, {args.seconds:.0f}s each")
+    print(f"\n{args.app}, {args.size}x{args.size} images, {os.cpu_count()} cores, {args.seconds:.0f}s each")
     print(f"{'case':<52} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for case, rate, p50, p99 in rows:
         print(f"{case:<52} {rate:>9.1f} {p50:>8} {p99:>8}")
-    batched = by_case[f"{args.clients} single-sample clients, batched (max 32)"]
-    unbatched_rate = by_case[f"{args.clients} single-sample clients, batching disabled"]
     print(f"\nserved (4 in flight) / in-process at batch 32: {served4 / in_process:.2f}x   (goal >= 0.9)")
-    print(
-        f"batched / unbatched, {args.clients} concurrent single-sample clients: {batched / unbatched_rate:.2f}x"
-        "   (goal >= 4)"
-    )
-    print(f"PNG / raw transport: {by_case['served, batch 32, 4 in flight, PNG transport'] / served4:.2f}x")
+    batching = rates["batched (max 32)"] / rates["batching disabled"]
+    print(f"batched / unbatched, {args.clients} concurrent single-sample clients: {batching:.2f}x   (goal >= 4)")
+    print(f"PNG / raw transport: {png / served4:.2f}x")
 
 
 if __name__ == "__main__":

@@ -191,6 +191,18 @@ def describe(
     typer.echo(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
 
 
+@app.command("tiny-models")
+def tiny_models(
+    root: Annotated[Path | None, typer.Option(help="Where to write them (default ~/.cache/rewardfleet/tiny).")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
+) -> None:
+    """Write the tiny seeded models the local profile serves (done automatically on first `serve`)."""
+    from services.tiny_models import TINY_ROOT, save_tiny_models
+
+    for name, path in save_tiny_models(root or TINY_ROOT, force=force).items():
+        typer.echo(f"{name}: {path}")
+
+
 @app.command()
 def rewards() -> None:
     """List the registered reward names."""

