@@ -133,6 +133,8 @@ def format_table(rows: list[dict]) -> str:
         details = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["components"].items()))
         if r.get("caption") is not None:
             details += f' caption="{r["caption"]}"'
+        if r.get("segments"):
+            details += " segments=" + ", ".join(f"{s['label']}:{s['likelihood']:.2f}" for s in r["segments"])
         if r["error"]:
             details = r["error"]
         reward = "-" if r["reward"] is None else f"{r['reward']:.4f}"

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 # Bump when a builder changes, so cached copies are rebuilt.
-TINY_VERSION = 2
+TINY_VERSION = 4
 # Where `save_tiny_models` writes by default; the local profile's model paths point here.
 TINY_ROOT_SPEC = "~/.cache/rewardfleet/tiny"
 TINY_ROOT = Path(TINY_ROOT_SPEC).expanduser()
@@ -121,6 +121,88 @@ def tiny_clip_text(seed: int = 0):
     return CLIPTextModelWithProjection(config).eval(), tokenizer
 
 
+def tiny_clip(seed: int = 0, image_size: int = 32):
+    """A tiny CLIP (vision + text towers, CLIPModel) and its processor (CLIP image processor + MiniLM tokenizer)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = tiny_tokenizer()
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.cls_token_id,
+            eos_token_id=tokenizer.sep_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+        ),
+        projection_dim=16,
+        initializer_factor=1.0,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def tiny_llama(seed: int = 0):
+    """A tiny Llama causal LM (Vicuna's architecture) and a tokenizer for it (MiniLM's BERT vocab)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=INIT_RANGE,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+# The tiny SAM's architecture, as the semantic reward's `sam` config fields (model_type "custom").
+TINY_SAM = dict(
+    model_type="custom",
+    encoder_embed_dim=32,
+    encoder_depth=2,
+    encoder_num_heads=2,
+    encoder_global_attn_indexes=(1,),
+    image_size=128,
+    prompt_embed_dim=32,
+)
+
+
+def tiny_sam(seed: int = 0):
+    """A tiny SAM (segment_anything's modules): 128 px input, 32-wide 2-block ViT encoder, 32-wide decoder."""
+    import torch
+
+    from services.rewards.semantic import SamConfig, build_sam
+
+    torch.manual_seed(seed)
+    return build_sam(SamConfig(**TINY_SAM))
+
+
 def _save(path: Path, model, processor) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
@@ -130,15 +212,20 @@ def _save(path: Path, model, processor) -> None:
 def save_tiny_models(root: str | Path = TINY_ROOT, seed: int = 0, force: bool = False) -> dict[str, Path]:
     """Writes every tiny model under `root` (skipping ones already written by this version); returns their paths."""
     root = Path(root).expanduser()
-    builders = {"blip2": tiny_blip2, "clip_text": tiny_clip_text}
+    builders = {"blip2": tiny_blip2, "clip_text": tiny_clip_text, "clip": tiny_clip, "llama": tiny_llama}
     stamp = {"version": TINY_VERSION, "seed": seed}
     paths = {}
-    for name, build in builders.items():
+    for name in [*builders, "sam"]:
         path = root / name
         marker = path / "rewardfleet_tiny.json"
         if force or not marker.exists() or json.loads(marker.read_text()) != stamp:
-            model, processor = build(seed)
-            _save(path, model, processor)
+            if name == "sam":  # segment_anything loads a plain state-dict checkpoint
+                import torch
+
+                path.mkdir(parents=True, exist_ok=True)
+                torch.save(tiny_sam(seed).state_dict(), path / "sam_tiny.pth")
+            else:
+                _save(path, *builders[name](seed))
             marker.write_text(json.dumps(stamp))
         paths[name] = path
     return paths

@@ -1,0 +1,322 @@
+"""LLM likelihood scorer on tiny seeded Llamas (MiniLM's BERT tokenizer): both modes, the parser, loading, and what the
+likelihood means (a tiny Llama trained in the test on the exact question template)."""
+
+import sys
+
+import pytest
+import torch
+
+from services.llm_scorer import (
+    LIKELIHOOD_TEMPLATE,
+    LikelihoodScorer,
+    LLMConfig,
+    likelihood_text,
+    parse_ratings,
+    rating_token_ids,
+    ratings_from_reply,
+)
+from services.reward import SampleFailure
+from services.tiny_models import save_tiny_models, tiny_llama
+
+# Prompts of different lengths, so their padding differs within a batch.
+PROMPTS = [
+    "a cat",
+    "two green dogs in the city",
+    "a wooden table with a cup of coffee and a plate of cookies, seen from above in soft morning light",
+]
+LABELS = ["cup", "dining table", "whale", "dog"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_llama(seed=0)
+
+
+def _scorer(tiny, **config) -> LikelihoodScorer:
+    scorer = LikelihoodScorer(LLMConfig(**config), model=tiny[0], tokenizer=tiny[1])
+    scorer.load("cpu")
+    return scorer
+
+
+def _values(results) -> list[float]:
+    return [v for r in results for v in r.values()]
+
+
+# --- parse_ratings --------------------------------------------------------------------------------------------------
+
+
+def test_parse_well_formed_reply():
+    ratings, missing = parse_ratings("cup:3\nplate:1\nwhale:2", ["cup", "plate", "whale"])
+    assert ratings == {"cup": 3, "plate": 1, "whale": 2} and missing == []
+
+
+def test_parse_bullets_numbering_case_and_extra_text():
+    reply = (
+        "Sure! Here are my ratings for the scene:\n"
+        "1. Cup: 3 (it is a kitchen)\n"
+        "- PLATE : 2\n"
+        "* **Dining  Table**: 1\n"
+        '  "whale" = 1\n'
+        "Let me know if you need anything else."
+    )
+    ratings, missing = parse_ratings(reply, ["cup", "plate", "dining table", "whale"])
+    assert ratings == {"cup": 3, "plate": 2, "dining table": 1, "whale": 1} and missing == []
+
+
+def test_parse_partial_reply_names_the_missing_labels():
+    ratings, missing = parse_ratings("cup: 3, and the plate is irrelevant. whale: 7", ["cup", "plate", "whale"])
+    assert ratings == {"cup": 3} and missing == ["plate", "whale"]
+
+
+def test_parse_does_not_match_inside_other_words_or_longer_labels():
+    assert parse_ratings("teacup: 3\ncupboard: 2", ["cup"]) == ({}, ["cup"])
+    assert parse_ratings("dining table: 3", ["table", "dining table"]) == ({"dining table": 3}, ["table"])
+    assert parse_ratings("table: 1\ndining table: 3", ["table", "dining table"]) == (
+        {"table": 1, "dining table": 3},
+        [],
+    )
+    assert parse_ratings("cup: 3.5\nplate: 12", ["cup", "plate"]) == ({}, ["cup", "plate"])
+
+
+@pytest.mark.parametrize("reply", ["", "3 2 1", ":::---===", "cup", "\x00\uffff(((**[", "cup:" * 1000, None])
+def test_parse_garbage_never_raises(reply):
+    ratings, missing = parse_ratings(reply, ["cup", "", "c++ (x)", "cup"])
+    assert ratings == {} and missing == ["cup", "", "c++ (x)"]
+
+
+# --- likelihood mode ------------------------------------------------------------------------------------------------
+
+
+def test_rating_tokens_skip_the_trailing_sep(tiny):
+    tokenizer = tiny[1]
+    [(context, candidates)] = rating_token_ids(tokenizer, [likelihood_text("a cat", "cup")])
+    assert tokenizer.convert_ids_to_tokens(list(candidates)) == ["1", "2", "3"]
+    assert context[0] == tokenizer.cls_token_id and tokenizer.sep_token_id not in context
+
+
+def test_rating_tokens_keep_a_sentencepiece_space_token_in_the_context():
+    """Llama's tokenizer splits " 1" into "▁" and "1": the "▁" belongs to the context, "1" is the candidate."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "▁": 2, "1": 3, "2": 4, "3": 5, "▁Rating:": 6}
+    spm_like = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    spm_like.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(prepend_scheme="always"), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    spm_like.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=spm_like, bos_token="<s>", unk_token="<unk>")
+    assert tokenizer.convert_ids_to_tokens(tokenizer("Rating: 1")["input_ids"]) == ["<s>", "▁Rating:", "▁", "1"]
+    assert rating_token_ids(tokenizer, ["Rating:"]) == [([1, 6, 2], (3, 4, 5))]
+
+
+def test_likelihoods_are_in_range_and_deterministic(tiny):
+    scorer = _scorer(tiny)
+    requests = [(p, LABELS) for p in PROMPTS]
+    first = scorer.score(requests)
+    assert [list(r) for r in first] == [LABELS] * len(PROMPTS)
+    assert all(0.0 <= v <= 1.0 for v in _values(first))
+    assert len(set(_values(first))) == len(PROMPTS) * len(LABELS)  # the random model still tells pairs apart
+    assert scorer.score(requests) == first
+
+
+def test_batched_equals_one_by_one_and_batch_composition_does_not_matter(tiny):
+    requests = [(p, LABELS) for p in PROMPTS]
+    batched = _values(_scorer(tiny, batch_size=64).score(requests))
+    scorer = _scorer(tiny, batch_size=1)
+    alone = [scorer.score([(p, [label])])[0][label] for p, labels in requests for label in labels]
+    # Other groupings: batches of 5 (prompts of every length mixed), and the requests in reverse order.
+    mixed = _values(_scorer(tiny, batch_size=5).score(requests))
+    reverse = _values(_scorer(tiny, batch_size=3).score(requests[::-1])[::-1])
+    for values in (alone, mixed, reverse):
+        torch.testing.assert_close(torch.tensor(values), torch.tensor(batched), atol=1e-5, rtol=0)
+
+
+def test_duplicate_pairs_are_computed_once(tiny):
+    scorer = _scorer(tiny)
+    rows = []
+    # A real forward hook on the real embedding layer: counts the sequences fed to the model.
+    hook = scorer.model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows.append(len(args[0])))
+    try:
+        results = scorer.score([("a cat", ["cup", "cup", "dog"]), ("a cat", ["dog", "whale"]), ("a dog", ["cup"])])
+    finally:
+        hook.remove()
+    assert sum(rows) == 4  # (a cat, cup), (a cat, dog), (a cat, whale), (a dog, cup)
+    assert [sorted(r) for r in results] == [["cup", "dog"], ["dog", "whale"], ["cup"]]
+    assert results[0]["dog"] == results[1]["dog"]
+    assert scorer.score([]) == [] and scorer.score([("a cat", [])]) == [{}]
+
+
+KITCHENS = [
+    "a kitchen with wooden cabinets",
+    "a bright kitchen in the morning",
+    "a small kitchen with a window",
+    "an old kitchen at night",
+    "a kitchen full of people cooking",
+    "a clean white kitchen",
+]
+OCEANS = [
+    "a calm ocean under the sun",
+    "a stormy ocean at night",
+    "the ocean seen from a cliff",
+    "a wide ocean with big waves",
+    "a grey ocean in winter",
+    "an ocean far from the coast",
+]
+# Held out: scenes never seen in training, with the same objects.
+HELD_OUT_KITCHENS = ["a modern kitchen with a red floor", "a tidy kitchen after dinner"]
+HELD_OUT_OCEANS = ["the deep blue ocean at dawn", "a quiet ocean after the rain"]
+KITCHEN_THINGS = ["cup", "plate"]
+OCEAN_THINGS = ["whale", "volcano"]
+
+
+def _train_on_template(model, tokenizer, max_steps: int = 600) -> int:
+    """Teaches the tiny Llama the template's answers: kitchen things '3' in kitchens, '1' at sea, and the reverse.
+
+    Full-vocabulary cross-entropy of the rating token after the exact scorer context (left-padded, like the scorer).
+    The model sits on the ln 2 plateau (right digit format, scene ignored) for ~150 steps before it learns the
+    scene x object interaction, so it trains until the loss is small. Returns the steps taken.
+    """
+    contexts, targets = [], []
+    for scenes, likely, unlikely in ((KITCHENS, KITCHEN_THINGS, OCEAN_THINGS), (OCEANS, OCEAN_THINGS, KITCHEN_THINGS)):
+        for scene in scenes:
+            for label, answer in [(x, 2) for x in likely] + [(x, 0) for x in unlikely]:
+                [(context, candidates)] = rating_token_ids(tokenizer, [likelihood_text(scene, label)])
+                contexts.append(context)
+                targets.append(candidates[answer])
+    width = max(len(c) for c in contexts)
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(c)) + c for c in contexts])  # (N, L)
+    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])  # (N, L)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    steps = 0
+    while steps < max_steps:
+        steps += 1
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, -1], torch.tensor(targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    return steps
+
+
+def test_likelihood_means_how_likely_the_object_is_in_the_scene():
+    model, tokenizer = tiny_llama(seed=1)
+    assert _train_on_template(model, tokenizer) < 600
+    scorer = LikelihoodScorer(model=model, tokenizer=tokenizer)
+    scorer.load("cpu")
+    labels = KITCHEN_THINGS + OCEAN_THINGS
+    cases = [(p, KITCHEN_THINGS, OCEAN_THINGS) for p in HELD_OUT_KITCHENS]
+    cases += [(p, OCEAN_THINGS, KITCHEN_THINGS) for p in HELD_OUT_OCEANS]
+    results = scorer.score([(p, labels) for p, _, _ in cases])
+    gaps = []
+    for (_, likely, unlikely), scores in zip(cases, results, strict=True):
+        assert min(scores[x] for x in likely) > max(scores[x] for x in unlikely), scores
+        gaps.append(sum(scores[x] for x in likely) / 2 - sum(scores[x] for x in unlikely) / 2)
+    # This seed gives ~0.99 vs ~0.003; the margin leaves room for other seeds (seed 2 scores the kitchen things of
+    # one held-out kitchen only ~0.2, still above its ocean things).
+    assert sum(gaps) / len(gaps) > 0.5, results
+
+
+# --- rating mode ----------------------------------------------------------------------------------------------------
+
+
+def test_rating_mode_garbage_reply_is_a_sample_failure_and_repeats(tiny):
+    scorer = _scorer(tiny, mode="rating", rating_max_new_tokens=12)
+    requests = [("a kitchen", ["cup", "whale"]), ("a stormy ocean at night, seen from a cliff", ["whale"])]
+    first = scorer.score(requests)
+    assert all(isinstance(r, SampleFailure) and r.code == "SCORING_FAILED" for r in first)
+    assert "cup" in first[0].message and "whale" in first[0].message
+    # Fresh conversation and seeded sampling: the same call repeats, and a reply does not depend on its batch.
+    assert scorer.score(requests) == first
+    assert scorer.score(requests[1:]) == first[1:]
+    replies = scorer.generate_replies(requests)
+    assert replies[0] != replies[1]
+    assert _scorer(tiny, mode="rating", rating_max_new_tokens=12, seed=1).generate_replies(requests) != replies
+
+
+def test_rating_sampler_draws_from_the_temperature_softmax():
+    from services.llm_scorer import _SeededSampler
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
+    n = 4000
+    sampler = _SeededSampler(0.7, range(n), "cpu")
+    picks = sampler(None, logits.expand(n, -1).clone()).argmax(-1)  # (n,): the one finite entry of each row
+    freq = torch.bincount(picks, minlength=5) / n
+    torch.testing.assert_close(freq, (logits / 0.7).softmax(-1), atol=0.03, rtol=0)
+    assert freq[4] == 0
+
+
+def test_rating_mode_maps_parsed_ratings_to_likelihoods():
+    # The replies an instruction-following LLM would give (an untrained tiny model cannot).
+    reply = "Sure!\n1. Cup: 3\n2. whale : 1\n3. dining table: 2"
+    assert ratings_from_reply(reply, ["cup", "whale", "dining table"], 512) == {
+        "cup": 1.0,
+        "whale": 0.0,
+        "dining table": 0.5,
+    }
+    failure = ratings_from_reply("whale: 3", ["whale", "cup"], 512)
+    assert isinstance(failure, SampleFailure) and failure.code == "SCORING_FAILED" and "['cup']" in failure.message
+
+
+# --- config, loading, backends --------------------------------------------------------------------------------------
+
+
+def test_loads_from_a_local_directory_with_from_pretrained(tiny):
+    path = save_tiny_models()["llama"]
+    scorer = LikelihoodScorer(LLMConfig(model=str(path)))
+    scorer.load("cpu")
+    requests = [(p, LABELS[:2]) for p in PROMPTS]
+    torch.testing.assert_close(
+        torch.tensor(_values(scorer.score(requests))), torch.tensor(_values(_scorer(tiny).score(requests)))
+    )
+
+
+@pytest.mark.parametrize("backend", ["transformers", "vllm"])
+def test_missing_weights_name_the_path(backend):
+    scorer = LikelihoodScorer(LLMConfig(model="~/no/such/vicuna", backend=backend))
+    with pytest.raises(FileNotFoundError, match="no/such/vicuna"):
+        scorer.load("cuda" if backend == "vllm" else "cpu")
+    assert "vllm" not in sys.modules
+
+
+def test_uncached_hub_id_offline_is_a_file_not_found_naming_it():
+    with pytest.raises(FileNotFoundError, match="rewardfleet-tests/no-such-llm"):
+        LikelihoodScorer(LLMConfig(model="rewardfleet-tests/no-such-llm")).load("cpu")
+
+
+def test_vllm_backend_is_not_imported_by_construction():
+    LikelihoodScorer(LLMConfig(backend="vllm", mode="rating", vllm_load_format="dummy"))
+    assert "vllm" not in sys.modules
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("backend", "tgi", r"backend must be one of \['transformers', 'vllm'\]"),
+        ("mode", "yes_no", r"mode must be one of \['likelihood', 'rating'\]"),
+        ("dtype", "int8", r"dtype must be one of"),
+        ("batch_size", 0, "batch_size must be >= 1"),
+        ("rating_max_new_tokens", 0, "rating_max_new_tokens must be >= 1"),
+        ("rating_temperature", 0.0, "rating_temperature must be > 0"),
+        ("vllm_gpu_memory_utilization", 1.5, "vllm_gpu_memory_utilization"),
+    ],
+)
+def test_config_rejects_invalid_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        LLMConfig(**{field: value})
+
+
+def test_score_before_load_and_injection_mistakes_are_errors(tiny):
+    with pytest.raises(RuntimeError, match="load"):
+        LikelihoodScorer().score([("a cat", ["cup"])])
+    with pytest.raises(ValueError, match="together"):
+        LikelihoodScorer(model=tiny[0])
+    with pytest.raises(TypeError, match="not a str"):
+        _scorer(tiny).score([("a cat", "cup")])
+    assert "{prompt}" in LIKELIHOOD_TEMPLATE and LIKELIHOOD_TEMPLATE.endswith("ASSISTANT: Rating:")
