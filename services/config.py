@@ -69,3 +69,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a YAML mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def resolve_model_source(source: str, owner: str) -> str:
+    """A model source as `from_pretrained` wants it: an existing local path (`~` expanded), else a hub id.
+
+    A path-like source ("/", "./", "../", "~") that does not exist raises FileNotFoundError naming it and `owner`
+    (the reward or component), instead of a confusing hub-id validation error.
+    """
+    expanded = Path(source).expanduser()
+    if expanded.exists():
+        return str(expanded)
+    if source.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"{owner}: local model path {source!r} does not exist")
+    return source

@@ -24,9 +24,9 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from services.config import resolve_model_source
 from services.reward import SampleFailure
 
 if TYPE_CHECKING:
@@ -114,16 +114,6 @@ class LLMConfig:
             raise ValueError(f"rating_temperature must be > 0 (the paper: 0.7), got {self.rating_temperature}")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-
-
-def _resolve(source: str) -> str:
-    """A hub id or a local directory (`~` expanded); a path-like source that does not exist fails here."""
-    expanded = Path(source).expanduser()
-    if expanded.exists():
-        return str(expanded)
-    if source.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"llm scorer: local model directory {source!r} does not exist")
-    return source
 
 
 def _load_error(source: str, e: Exception) -> FileNotFoundError:
@@ -257,7 +247,7 @@ class LikelihoodScorer:
         if self.model is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            source = _resolve(cfg.model)
+            source = resolve_model_source(cfg.model, "llm scorer")
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
                 self.model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=dtype)
@@ -273,7 +263,7 @@ class LikelihoodScorer:
         at half-precision rounding; vLLM versions with `VLLM_BATCH_INVARIANT=1` remove that.
         """
         cfg = self.config
-        source = _resolve(cfg.model)
+        source = resolve_model_source(cfg.model, "llm scorer")
         if not device.startswith("cuda"):
             raise ValueError(f"llm scorer: the vllm backend runs on a CUDA device only, got device {device!r}")
         try:

@@ -98,25 +98,29 @@ def tiny_blip2(seed: int = 0, image_size: int = 32):
     return model, processor
 
 
-def tiny_clip_text(seed: int = 0):
-    """A tiny CLIP text tower with projection (CLIPTextModelWithProjection) and a tokenizer for it."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    tokenizer = tiny_tokenizer()
-    config = CLIPTextConfig(
+def _clip_text_config(tokenizer) -> dict:
+    """The tiny CLIP text tower's config fields (shared by `tiny_clip_text` and `tiny_clip`)."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=77,
-        projection_dim=16,
         # CLIP pools the hidden state at the first eos token: [SEP] for this tokenizer.
         bos_token_id=tokenizer.cls_token_id,
         eos_token_id=tokenizer.sep_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def tiny_clip_text(seed: int = 0):
+    """A tiny CLIP text tower with projection (CLIPTextModelWithProjection) and a tokenizer for it."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer()
+    config = CLIPTextConfig(**_clip_text_config(tokenizer), projection_dim=16)
     torch.manual_seed(seed)
     return CLIPTextModelWithProjection(config).eval(), tokenizer
 
@@ -128,17 +132,7 @@ def tiny_clip(seed: int = 0, image_size: int = 32):
 
     tokenizer = tiny_tokenizer()
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.cls_token_id,
-            eos_token_id=tokenizer.sep_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ),
+        text_config=_clip_text_config(tokenizer),
         vision_config=dict(
             hidden_size=32,
             intermediate_size=37,

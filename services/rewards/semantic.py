@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from services.config import resolve_model_source
 from services.llm_scorer import LikelihoodScorer, LLMConfig
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput, SampleFailure, SegmentScore
@@ -179,18 +180,6 @@ def build_sam(s: SamConfig, checkpoint: str | None = None):
     return sam.eval()
 
 
-def _existing(path: str, what: str) -> str:
-    expanded = Path(path).expanduser()
-    if not expanded.exists():
-        raise FileNotFoundError(f"semantic reward: {what} {path!r} does not exist")
-    return str(expanded)
-
-
-def _resolve(source: str) -> str:
-    expanded = Path(source).expanduser()
-    return str(expanded) if expanded.exists() else source
-
-
 @register("semantic")
 class Semantic(Reward):
     Config = SemanticConfig
@@ -226,7 +215,7 @@ class Semantic(Reward):
         if self.clip is None:
             from transformers import CLIPModel, CLIPProcessor
 
-            source = _resolve(cfg.labeler.clip)
+            source = resolve_model_source(cfg.labeler.clip, "semantic reward labeler")
             try:
                 self.clip_processor = CLIPProcessor.from_pretrained(source, revision=cfg.labeler.revision)
                 self.clip = CLIPModel.from_pretrained(source, revision=cfg.labeler.revision)
@@ -246,7 +235,9 @@ class Semantic(Reward):
         from segment_anything import sam_model_registry
 
         s = self.config.sam
-        checkpoint = _existing(s.checkpoint, "SAM checkpoint")
+        checkpoint = str(Path(s.checkpoint).expanduser())
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"semantic reward: SAM checkpoint {s.checkpoint!r} does not exist")
         if s.model_type == "custom":
             return build_sam(s, checkpoint)
         return sam_model_registry[s.model_type](checkpoint=checkpoint)
