@@ -193,6 +193,26 @@ def describe(
     typer.echo(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
 
 
+@app.command("train-reward")
+def train_reward_cmd(
+    config: Annotated[Path | None, typer.Option(help="YAML of RewardTrainingConfig fields.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set lambda_cls=0")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train the learned alignment reward (Lee et al.) on binary feedback; evaluate it against CLIP score."""
+    from services.config import apply_overrides, from_dict, load_yaml
+    from trainer.reward_training import RewardTrainingConfig, format_evaluation, train_reward
+
+    data = apply_overrides(load_yaml(config) if config else {}, set_ or [])
+    try:
+        cfg = from_dict(RewardTrainingConfig, data)
+    except (ValueError, TypeError) as e:
+        raise typer.BadParameter(str(e)) from None
+    evaluation = train_reward(cfg, progress=progress)
+    typer.echo(format_evaluation(evaluation))
+    typer.echo(f"reward written to {cfg.out_dir} (serve it with reward: alignment, model_dir: {cfg.out_dir})")
+
+
 @app.command("tiny-models")
 def tiny_models(
     root: Annotated[Path | None, typer.Option(help="Where to write them (default ~/.cache/rewardfleet/tiny).")] = None,

@@ -81,12 +81,18 @@ def _wait_until_running(apps: tuple[str, ...], timeout_s: float) -> None:
         time.sleep(0.25)
 
 
-def uses_tiny_models(config: dict[str, Any]) -> bool:
-    """True when an application's args point at the tiny seeded models (the local profile does)."""
-    from services.tiny_models import TINY_ROOT, TINY_ROOT_SPEC
+def prepare_local_artifacts(config: dict[str, Any]) -> None:
+    """Builds the seeded local-profile models a config points at, once: tiny models, the testbed alignment reward.
+
+    Both are deterministic functions of a seed, so every node builds the same weights; later starts find them cached.
+    """
+    from services.tiny_models import TINY_ROOT_SPEC, save_tiny_models
+    from trainer.reward_training import TESTBED_REWARD_SPEC, ensure_testbed_reward
 
     text = json.dumps([app.get("args", {}) for app in config.get("applications", [])])
-    return TINY_ROOT_SPEC in text or str(TINY_ROOT) in text
+    for spec, build in ((TINY_ROOT_SPEC, save_tiny_models), (TESTBED_REWARD_SPEC, ensure_testbed_reward)):
+        if spec in text or str(Path(spec).expanduser()) in text:
+            build()
 
 
 def start_fleet(
@@ -109,11 +115,7 @@ def start_fleet(
     if not isinstance(config, dict):
         config = load_yaml(config)
     schema = ServeDeploySchema.model_validate(config)
-    if uses_tiny_models(config):
-        # Seeded, so every node builds the same weights; cached after the first time.
-        from services.tiny_models import save_tiny_models
-
-        save_tiny_models()
+    prepare_local_artifacts(config)
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(

@@ -83,3 +83,22 @@ def resolve_model_source(source: str, owner: str) -> str:
     if source.startswith(("/", "./", "../", "~")):
         raise FileNotFoundError(f"{owner}: local model path {source!r} does not exist")
     return source
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies dotted `key.sub=value` overrides (values parsed as YAML: 3, 0.5, true, [1, 2], text) to a copy."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value or section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return data

@@ -1,0 +1,184 @@
+"""Learned alignment reward (Lee et al. 2023, "Aligning Text-to-Image Models using Human Feedback").
+
+Frozen CLIP image and text embeddings -> MLP head -> sigmoid. The head is trained (`rewardfleet train-reward`,
+trainer/reward_training.py) on binary human feedback (image, prompt, good/bad) with MSE to the label, plus the paper's
+prompt-classification augmentation.
+
+Score: the predicted probability that a rater judges the image to match its prompt, range [0, 1]; higher = better
+aligned. `components["clip_score"]` is the cosine similarity of the same CLIP embeddings ([-1, 1]), the baseline the
+learned reward is measured against.
+
+A trained reward is a directory:
+- `alignment_reward.json`: the CLIP source (hub id, or a path relative to the directory) and the head's sizes;
+- `head.safetensors`: the head's weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.config import resolve_model_source
+from services.registry import register
+from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
+
+MODEL_FILE = "alignment_reward.json"
+HEAD_FILE = "head.safetensors"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    # CLIP embedding width (projection_dim).
+    embed_dim: int = 768
+    # Hidden layer widths of the MLP.
+    hidden_sizes: tuple[int, ...] = (512, 128)
+    # Dropout between hidden layers (training only).
+    dropout: float = 0.1
+
+
+def build_head(config: HeadConfig):
+    """The MLP: features [image, text, image * text] (3 * embed_dim) -> hidden layers (GELU) -> one logit.
+
+    The element-wise product exposes per-dimension agreement, which a pure concatenation would have to learn.
+    """
+    import torch
+
+    layers: list[torch.nn.Module] = []
+    width = 3 * config.embed_dim
+    for hidden in config.hidden_sizes:
+        layers += [torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Dropout(config.dropout)]
+        width = hidden
+    layers.append(torch.nn.Linear(width, 1))
+    return torch.nn.Sequential(*layers)
+
+
+def head_logits(head, image_emb, text_emb):
+    """Head logits for unit-norm embeddings; image_emb and text_emb broadcast: (..., D) -> (...)."""
+    import torch
+
+    image_emb, text_emb = torch.broadcast_tensors(image_emb, text_emb)
+    return head(torch.cat([image_emb, text_emb, image_emb * text_emb], dim=-1)).squeeze(-1)
+
+
+def clip_embeddings(clip, processor, images: Sequence[np.ndarray] | None, texts: Sequence[str] | None, device: str):
+    """Unit-norm CLIP embeddings: (image_emb (N, D) or None, text_emb (M, D) or None), float32 on CPU."""
+    import torch
+
+    def norm(x):
+        x = x if not hasattr(x, "pooler_output") else x.pooler_output  # newer transformers wrap features
+        return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
+
+    image_emb = text_emb = None
+    # no_grad, not inference_mode: training uses these embeddings as inputs of the head's autograd graph.
+    with torch.no_grad():
+        if images is not None and len(images):
+            pixels = processor(images=list(images), return_tensors="pt", input_data_format="channels_last")
+            image_emb = norm(clip.get_image_features(pixel_values=pixels["pixel_values"].to(device)))
+        if texts is not None and len(texts):
+            tokens = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+            text_emb = norm(
+                clip.get_text_features(
+                    input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+                )
+            )
+    return image_emb, text_emb
+
+
+def save_alignment_model(out_dir: str | Path, clip_source: str, head, head_config: HeadConfig, **extra: Any) -> Path:
+    """Writes a trained reward directory (see the module docstring); `extra` goes into the JSON (e.g. metrics)."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
+    (out / MODEL_FILE).write_text(json.dumps({"clip": clip_source, "head": asdict(head_config), **extra}, indent=2))
+    return out
+
+
+@dataclass(frozen=True)
+class AlignmentConfig:
+    # Directory of a trained reward (alignment_reward.json + head.safetensors), e.g. written by
+    # `rewardfleet train-reward`.
+    model_dir: str = "alignment_reward"
+    # Most images per CLIP forward pass.
+    batch_size: int = 64
+
+
+@register("alignment")
+class Alignment(Reward):
+    Config = AlignmentConfig
+
+    def __init__(self, config: AlignmentConfig | None = None, *, clip=None, processor=None, head=None):
+        """`clip` + `processor` + `head` inject already-built modules (tests); else `load` reads `model_dir`."""
+        super().__init__(config)
+        self.clip, self.processor, self.head = clip, processor, head
+        self.clip_source = "(injected)"
+        self.device = "cpu"
+
+    def load(self, device: str = "cpu") -> None:
+        from safetensors.torch import load_file
+        from transformers import CLIPModel, CLIPProcessor
+
+        from services.config import from_dict
+
+        self.device = device
+        if self.head is None:
+            model_dir = Path(self.config.model_dir).expanduser()
+            spec_path = model_dir / MODEL_FILE
+            if not spec_path.is_file():
+                raise FileNotFoundError(
+                    f"alignment reward: {spec_path} does not exist; model_dir must be a directory written by "
+                    "`rewardfleet train-reward` (alignment_reward.json + head.safetensors)"
+                )
+            spec = json.loads(spec_path.read_text())
+            head_config = from_dict(HeadConfig, spec["head"])
+            self.head = build_head(head_config)
+            self.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
+            # A relative CLIP path is relative to the reward directory, so the directory can be moved as a whole.
+            local = model_dir / spec["clip"]
+            self.clip_source = str(local) if local.exists() else spec["clip"]
+            source = resolve_model_source(self.clip_source, "alignment reward")
+            try:
+                self.processor = CLIPProcessor.from_pretrained(source)
+                self.clip = CLIPModel.from_pretrained(source)
+            except (OSError, ValueError) as e:
+                raise FileNotFoundError(
+                    f"alignment reward: cannot load CLIP from {self.clip_source!r} ({e})"
+                ) from None
+        self.clip = self.clip.to(device).eval()
+        self.head = self.head.to(device).eval()
+
+    def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[RewardOutput]:
+        import torch
+
+        outputs = []
+        for start in range(0, len(images), self.config.batch_size):
+            chunk, texts = (
+                images[start : start + self.config.batch_size],
+                prompts[start : start + self.config.batch_size],
+            )
+            unique = list(dict.fromkeys(texts))
+            image_emb, text_emb = clip_embeddings(self.clip, self.processor, chunk, unique, self.device)
+            text_emb = text_emb[[unique.index(t) for t in texts]]  # (B, D)
+            with torch.inference_mode():
+                reward = torch.sigmoid(head_logits(self.head, image_emb.to(self.device), text_emb.to(self.device)))
+            clip_score = (image_emb * text_emb).sum(-1)  # (B,)
+            for r, c in zip(reward.cpu().tolist(), clip_score.tolist(), strict=True):
+                outputs.append(RewardOutput(reward=r, components={"clip_score": c}))
+        return outputs
+
+    def info(self) -> RewardInfo:
+        return RewardInfo(
+            description=(
+                "Learned alignment reward (Lee et al.): predicted probability that a rater judges the image to match "
+                "the prompt, from an MLP on frozen CLIP embeddings; components.clip_score is the CLIP cosine."
+            ),
+            min_reward=0.0,
+            max_reward=1.0,
+            models=(ModelSource("clip", self.clip_source), ModelSource("head", self.config.model_dir)),
+        )
