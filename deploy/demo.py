@@ -57,8 +57,8 @@ def main() -> int:
     fleet = start_fleet(LOCAL_PROFILE, num_cpus=4)
     elapsed = time.perf_counter() - t0
     print(f"[demo] fleet up on {fleet.grpc_target} in {elapsed:.1f}s: {', '.join(fleet.applications)}")
-    print("[demo] local profile: model rewards run tiny random-weight models (captions are random words);")
-    print("[demo] deploy/cluster.yaml serves the real checkpoints.")
+    print("[demo] local profile: caption and semantic run tiny random-weight models (captions are random words),")
+    print("[demo] alignment was trained on the synthetic feedback testbed; cluster.yaml serves real checkpoints.")
     try:
         # 3. Score every example image with every reward application, over gRPC.
         prompt = "a red disc in a blue sky"
