@@ -197,6 +197,60 @@ def tiny_sam(seed: int = 0):
     return build_sam(SamConfig(**TINY_SAM))
 
 
+def tiny_stable_diffusion(seed: int = 0, image_size: int = 16):
+    """A tiny Stable Diffusion pipeline (UNet2DConditionModel, AutoencoderKL, CLIP text encoder, DDIM) of random
+    weights: SD 1.5's layout at a few hundred thousand parameters, sampling 16x16 images in milliseconds."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 16  # prompts are short; the text encoder's positions match
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**{**_clip_text_config(tokenizer), "max_position_embeddings": 16}))
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 2,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        attention_head_dim=4,
+    )
+    vae = AutoencoderKL(
+        sample_size=image_size,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8,
+    )
+    # SD 1.5's noise schedule.
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def _save(path: Path, model, processor) -> None:
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
