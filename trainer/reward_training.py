@@ -195,9 +195,7 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
 
     # 1. Data and the frozen CLIP.
     if config.testbed is not None:
-        from trainer.testbed import build_testbed
-
-        paths = build_testbed_once(config.testbed, config.seed, build_testbed)
+        paths = build_testbed_once(config.testbed, config.seed)
         clip_source, train_path, val_path = str(paths["clip"]), paths["train"], paths["val"]
     else:
         clip_source, train_path, val_path = config.clip, config.feedback, config.val_feedback
@@ -312,15 +310,15 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
     return evaluation
 
 
-def build_testbed_once(root: str | Path, seed: int, build) -> dict[str, Path]:
+def build_testbed_once(root: str | Path, seed: int) -> dict[str, Path]:
     """The testbed under `root`, built on first use (its marker file records that the build finished)."""
     root = Path(root).expanduser()
     marker = root / "testbed.json"
     if marker.exists():
         return {k: root / v for k, v in json.loads(marker.read_text()).items()}
-    from trainer.testbed import TestbedConfig
+    from trainer.testbed import TestbedConfig, build_testbed
 
-    paths = build(root, TestbedConfig(seed=seed))
+    paths = build_testbed(root, TestbedConfig(seed=seed))
     marker.write_text(json.dumps({k: str(Path(v).relative_to(root)) for k, v in paths.items()}))
     return {k: Path(v) for k, v in paths.items()}
 

@@ -308,16 +308,17 @@ class Semantic(Reward):
         import torch
 
         crops = [self._crop(img, m) for img, ms in zip(images, masks, strict=True) for m in ms]
+        vocabs = [self.vocabulary_for(p) for p in prompts]
         # Prompt nouns missing from the built-in vocabulary, embedded once for the whole batch.
-        extra = list(dict.fromkeys(n for p in prompts for n in self.vocabulary_for(p)[len(self.vocabulary) :]))
+        extra = list(dict.fromkeys(n for v in vocabs for n in v[len(self.vocabulary) :]))
+        extra_row = {n: i for i, n in enumerate(extra)}
         with torch.inference_mode():
             crop_emb = self._embed_crops(crops) if crops else None  # (total masks, D)
             extra_emb = self._embed_labels(extra) if extra else self._vocab_emb[:0]  # (E, D)
         scale = self.clip.logit_scale.exp().item()
         labelled, k = [], 0
-        for ms, prompt in zip(masks, prompts, strict=True):
-            names = self.vocabulary_for(prompt)
-            own = [extra.index(n) for n in names[len(self.vocabulary) :]]
+        for ms, names in zip(masks, vocabs, strict=True):
+            own = [extra_row[n] for n in names[len(self.vocabulary) :]]
             text_emb = torch.cat([self._vocab_emb, extra_emb[own]])  # (V', D)
             merged: dict[str, tuple[float, np.ndarray]] = {}
             for m in ms:
