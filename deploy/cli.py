@@ -6,6 +6,8 @@ rewardfleet score images/ --prompt "two green dogs in the city"
 rewardfleet score pairs.jsonl --app jpeg_compressibility --output json
 rewardfleet describe --app jpeg_compressibility
 rewardfleet rewards
+rewardfleet train --with-fleet deploy/local.yaml       # fine-tune the tiny pipeline against a local fleet
+rewardfleet train --config trainer/configs/cluster.yaml --address auto
 """
 
 from __future__ import annotations
@@ -211,6 +213,82 @@ def train_reward_cmd(
     evaluation = train_reward(cfg, progress=progress)
     typer.echo(format_evaluation(evaluation))
     typer.echo(f"reward written to {cfg.out_dir} (serve it with reward: alignment, model_dir: {cfg.out_dir})")
+
+
+def format_rounds(rows: list[dict], rewards: list[str]) -> str:
+    """One line per round: held-out mean +- SE and win rate vs the base model of each reward, and the wait share."""
+    header = f"{'round':>5}  " + "  ".join(f"{name + ' (held-out)':>34}  {'win':>5}" for name in rewards)
+    lines = [header + f"  {'loss':>7}  {'wait':>6}  {'round s':>7}"]
+    for row in rows:
+        cells = []
+        for name in rewards:
+            cell = f"{row[f'eval/{name}/mean']:.5g} +- {row[f'eval/{name}/se']:.2g}"
+            cells.append(f"{cell:>34}  {row[f'eval/{name}/win_rate']:>5.2f}")
+        loss = "-" if row.get("final") else f"{row['loss']:.4f}"
+        lines.append(
+            f"{row['round']:>5}  "
+            + "  ".join(cells)
+            + f"  {loss:>7}  {100 * row['time/wait_fraction']:>5.1f}%  {row['time/round_s']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+@app.command()
+def train(
+    config: Annotated[
+        Path | None, typer.Option(help="Fine-tuning preset (default trainer/configs/local.yaml).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: --set run.rounds=5 --set optim.lr=1e-3")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto') instead.")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of the local Ray cluster it starts.")] = None,
+    with_fleet: Annotated[
+        Path | None,
+        typer.Option(help="Start the rewards the job uses from this Serve config first; stop them after."),
+    ] = None,
+) -> None:
+    """Fine-tune a text-to-image model with the fleet's rewards (Ray Train: sample, score, select, train)."""
+    import ray
+
+    from trainer.config import load_finetune_config
+    from trainer.finetune import improvement_summary, run_finetune
+
+    try:
+        cfg = load_finetune_config(config, set_ or [])
+    except (ValueError, TypeError) as e:
+        raise typer.BadParameter(str(e)) from None
+    if not ray.is_initialized():
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+    fleet = None
+    try:
+        if with_fleet is not None:
+            from deploy.fleet import load_serve_config, start_fleet
+
+            serve_config = load_serve_config(with_fleet, grpc_port=int(cfg.rewards.target.rsplit(":", 1)[1]))
+            # Only the applications the job queries.
+            apps = [a for a in serve_config["applications"] if a["name"] in cfg.rewards.weights]
+            missing = sorted(set(cfg.rewards.weights) - {a["name"] for a in apps})
+            if missing:
+                raise typer.BadParameter(f"{with_fleet} has no application(s) {missing}")
+            fleet = start_fleet({**serve_config, "applications": apps})
+            typer.echo(f"fleet up on {fleet.grpc_target}: {', '.join(fleet.applications)}")
+        result = run_finetune(cfg)
+    finally:
+        if fleet is not None:
+            from deploy.fleet import stop_fleet
+
+            stop_fleet(shutdown_ray=False)
+    rewards = list(cfg.rewards.weights)
+    typer.echo(format_rounds(result.rows, rewards))
+    summary = improvement_summary(result.rows, cfg.rewards.primary)
+    typer.echo(
+        f"{cfg.rewards.primary}: held-out mean {summary['base_mean']:.5g} (base, SE {summary['base_se']:.2g}) -> "
+        f"{summary['final_mean']:.5g} after {summary['rounds']} rounds: {summary['gain']:+.4g} "
+        f"= {summary['gain_in_se']:+.1f} SE; win rate vs base {summary['final_win_rate']:.2f}"
+    )
+    typer.echo(f"outputs: {result.output_dir} (metrics.jsonl, tensorboard/, grids/, reward_curve.png)")
+    typer.echo(f"latest checkpoint: {result.checkpoint}")
 
 
 @app.command("tiny-models")

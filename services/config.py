@@ -100,5 +100,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; on a command line it means the number.
+            try:
+                value = float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+            except ValueError:
+                pass
+        node[leaf] = value
     return data

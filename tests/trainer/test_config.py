@@ -1,0 +1,37 @@
+"""Fine-tuning config: presets load, unknown keys are rejected with the valid ones, dotted overrides apply."""
+
+import pytest
+
+from trainer.config import CONFIG_DIR, FinetuneConfig, load_finetune_config
+
+# reward_testbed.yaml configures the alignment reward's training, not fine-tuning.
+PRESETS = sorted(p for p in CONFIG_DIR.glob("*.yaml") if p.name != "reward_testbed.yaml")
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_load(preset):
+    config = load_finetune_config(preset)
+    assert isinstance(config, FinetuneConfig)
+
+
+def test_local_and_cluster_presets():
+    local = load_finetune_config(CONFIG_DIR / "local.yaml")
+    assert local.model.pretrained == "tiny" and not local.run.use_gpu
+    cluster = load_finetune_config(CONFIG_DIR / "cluster.yaml")
+    assert cluster.model.pretrained != "tiny" and cluster.run.use_gpu and cluster.optim.method == "lora"
+
+
+def test_overrides_and_unknown_keys():
+    config = load_finetune_config(None, ["run.rounds=7", "optim.lr=1e-3", "rewards.weights={caption: 1, semantic: 2}"])
+    assert config.run.rounds == 7 and config.optim.lr == 1e-3
+    assert config.rewards.weights == {"caption": 1, "semantic": 2} and config.rewards.primary == "caption"
+    with pytest.raises(ValueError, match=r"FinetuneConfig\.optim: unknown key\(s\) \['lrr'\]; valid keys: .*'lr'"):
+        load_finetune_config(None, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="selection.strategy must be one of"):
+        load_finetune_config(None, ["selection.strategy=best"])
+    with pytest.raises(ValueError, match="assemble fuses several rewards"):
+        load_finetune_config(None, ["selection.strategy=assemble"])
+    with pytest.raises(ValueError, match="beta > 0 needs optim.pretrain_data"):
+        load_finetune_config(None, ["optim.beta=0.5"])
+    with pytest.raises(ValueError, match="select_by"):
+        load_finetune_config(None, ["rewards.select_by=caption"])

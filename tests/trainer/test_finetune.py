@@ -1,0 +1,195 @@
+"""The fine-tuning job for real: a local Ray cluster, 2 Ray Train workers on CPU, the tiny Stable Diffusion
+pipeline, and rewards served over gRPC by the test fleet."""
+
+import json
+
+import numpy as np
+import pytest
+
+from trainer.config import load_finetune_config
+from trainer.finetune import eval_stats, read_metrics, run_finetune, select_samples, win_rate
+from trainer.selection import best_of_k, fuse
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def tiny_job(fleet, tmp_path, name, *overrides):
+    """The local preset shrunk to seconds per round: 16 px, 3 steps, 4 training prompts x K = 3, 2 held-out x 2."""
+    return load_finetune_config(
+        None,
+        [
+            f"rewards.target={fleet.grpc_target}",
+            "model.resolution=16",
+            "sampling.steps=3",
+            "sampling.samples_per_prompt=3",
+            "sampling.prompts_per_batch=1",
+            "prompts.generate=4",
+            "prompts.eval_count=2",
+            "prompts.eval_seeds=2",
+            "optim.method=lora",
+            "optim.epochs_per_round=1",
+            "optim.batch_size=2",
+            "run.num_workers=2",
+            "run.rounds=2",
+            f"run.output_dir={tmp_path / name}",
+            f"run.name={name}",
+            *overrides,
+        ],
+    )
+
+
+def check_rows(rows, rounds, rewards):
+    assert [r["round"] for r in rows] == list(range(rounds + 1))  # no round lost or repeated; + final eval
+    assert [r["final"] for r in rows] == [False] * rounds + [True]
+    for row in rows:
+        for name in rewards:
+            assert np.isfinite(row[f"eval/{name}/mean"]) and row[f"eval/{name}/mean"] <= row[f"eval/{name}/max"]
+            assert 0.0 <= row[f"eval/{name}/win_rate"] <= 1.0
+        assert 0.0 <= row["time/wait_fraction"] <= row["time/wait_fraction_max"] < 1.0
+        assert row["time/round_s"] >= row["time/sample_s"] > 0
+    for row in rows[:-1]:
+        assert np.isfinite(row["loss"]) and row["selected"] > 0
+        for name in rewards:
+            assert row[f"train/{name}/mean"] <= row[f"train/{name}/max"]
+    assert rows[0]["eval/" + rewards[0] + "/win_rate"] == 0.5  # the base model against itself
+
+
+def test_two_rounds_then_resume_from_the_checkpoint(fleet, tmp_path):
+
+    from trainer.sampling import SamplingConfig, load_pipeline, sample_images, set_scheduler
+
+    config = tiny_job(fleet, tmp_path, "raft")
+    result = run_finetune(config)
+    rows = read_metrics(result.output_dir)
+    check_rows(rows, 2, ["jpeg_compressibility"])
+    assert rows == result.rows
+    out = result.output_dir
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["round_000.png", "round_001.png", "round_002.png"]
+    assert (out / "reward_curve.png").stat().st_size > 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The checkpoint: after round 1, LoRA weights that diffusers' load_lora_weights reads, optimizer, RNG state.
+    state = json.loads((result.checkpoint / "state.json").read_text())
+    assert state["next_round"] == 2 and [r["round"] for r in state["history"]] == [0, 1]
+    assert {p.name for p in result.checkpoint.iterdir()} >= {"lora", "optimizer.pt", "rng.pt", "state.json"}
+    pipe = load_pipeline(config.model)
+    set_scheduler(pipe, config.sampling)
+    sampling = SamplingConfig(steps=3)
+    before = sample_images(pipe, ["one red dog in the city"], [1], sampling, 16).latents
+    pipe.load_lora_weights(result.checkpoint / "lora")
+    after = sample_images(pipe, ["one red dog in the city"], [1], sampling, 16).latents
+    assert not np.allclose(before.numpy(), after.numpy())  # the trained adapter changes the samples
+
+    # Rerunning the same run with more rounds resumes: rounds 0-1 are kept as they were, round 2 is trained next.
+    more = run_finetune(tiny_job(fleet, tmp_path, "raft", "run.rounds=3"))
+    check_rows(more.rows, 3, ["jpeg_compressibility"])
+    assert more.rows[:2] == rows[:2]
+    assert [r["attempt"] for r in more.rows] == [1, 1, 2, 2]
+    # Round 2's held-out samples use the same noise as round 2 of the first run (the final evaluation there), and
+    # the weights are the same (round 1's checkpoint): the same scores.
+    assert more.rows[2]["eval/jpeg_compressibility/mean"] == pytest.approx(rows[2]["eval/jpeg_compressibility/mean"])
+    assert json.loads((more.checkpoint / "state.json").read_text())["next_round"] == 3
+
+
+def test_a_worker_death_resumes_from_the_last_checkpoint(fleet, tmp_path):
+    """Weighted strategy with the pre-training term; the last worker exits abruptly in the middle of round 1."""
+    from trainer.pretrain_data import write_rendered_pairs
+
+    pairs = write_rendered_pairs(tmp_path / "pretrain", 6, 16)
+    config = tiny_job(
+        fleet,
+        tmp_path,
+        "fault",
+        "selection.strategy=weighted",
+        "selection.weighting=minmax",
+        "optim.beta=0.5",
+        f"optim.pretrain_data={pairs}",
+        "run.fail_at_round=1",
+        "run.max_failures=1",
+    )
+    result = run_finetune(config)
+    assert (result.output_dir / ".fault_injected").exists()  # the worker did die
+    check_rows(result.rows, 2, ["jpeg_compressibility"])
+    # Round 0 ran once in the first attempt; round 1 was redone from round 0's checkpoint by the second.
+    assert [r["attempt"] for r in result.rows] == [1, 2, 2]
+    # minmax weights: every prompt's worst sample gets weight 0 unless its samples all tie.
+    assert result.rows[0]["selected"] <= 4 * 3
+
+
+def test_assemble_fuses_two_served_rewards(fleet, tmp_path):
+    config = tiny_job(
+        fleet,
+        tmp_path,
+        "assemble",
+        "selection.strategy=assemble",
+        "selection.fusion=rrf",
+        "rewards.weights={jpeg_compressibility: 1.0, jpeg_limited: 0.5}",
+        "run.rounds=1",
+    )
+    result = run_finetune(config)
+    check_rows(result.rows, 1, ["jpeg_compressibility", "jpeg_limited"])
+    # Both applications score JPEG size: the same numbers through two deployments.
+    row = result.rows[0]
+    assert row["eval/jpeg_limited/mean"] == pytest.approx(row["eval/jpeg_compressibility/mean"])
+
+
+def test_a_missing_reward_application_fails_before_any_worker_starts(fleet, tmp_path):
+    from trainer.scoring import RewardRoundError
+
+    config = tiny_job(fleet, tmp_path, "missing", "rewards.weights={no_such_reward: 1.0}")
+    with pytest.raises(RewardRoundError, match="no_such_reward"):
+        run_finetune(config)
+
+
+# --- Selection as the job applies it, against brute force ------------------------------------------------------
+
+
+def test_select_samples_matches_brute_force_for_every_strategy():
+    rng = np.random.default_rng(0)
+    # Two rewards on very different scales, with ties.
+    a = rng.integers(0, 3, (5, 4)).astype(float)
+    b = 1000.0 * rng.integers(0, 4, (5, 4))
+    scores = {"a": a, "b": b}
+
+    def config(*overrides):
+        return load_finetune_config(None, ["rewards.weights={a: 1.0, b: 2.0}", *overrides])
+
+    raft = select_samples(scores, config("selection.strategy=raft"))
+    assert raft == [(g, max(range(4), key=lambda k: (a[g, k], -k)), 1.0) for g in range(5)]
+
+    fused_brute = np.zeros((5, 4))
+    for name, w in (("a", 1.0), ("b", 2.0)):
+        for g in range(5):
+            for k in range(4):
+                rank = sum(
+                    1
+                    for j in range(4)
+                    if scores[name][g, j] > scores[name][g, k] or (scores[name][g, j] == scores[name][g, k] and j < k)
+                )
+                fused_brute[g, k] += w * (4 - 1 - rank)
+    assemble = select_samples(scores, config("selection.strategy=assemble", "selection.top_fraction=0.6"))
+    winners = [(g, max(range(4), key=lambda k: (fused_brute[g, k], -k))) for g in range(5)]
+    kept = sorted(sorted(range(5), key=lambda g: (-fused_brute[g, winners[g][1]], g))[:3])
+    assert assemble == [(g, winners[g][1], 1.0) for g in kept]
+    assert [(g, k) for g, k, _ in assemble] == best_of_k(fuse(scores, "borda", {"a": 1.0, "b": 2.0}), 0.6)
+
+    weighted = select_samples(scores, config("selection.strategy=weighted", "selection.weighting=minmax"))
+    for g, k, w in weighted:
+        span = a[g].max() - a[g].min()
+        raw = (a[g, k] - a[g].min()) / span if span else 1.0
+        total = sum(((a[g, j] - a[g].min()) / span if span else 1.0) for j in range(4))
+        assert w == pytest.approx(raw * 4 / total) and w > 0
+    assert len(weighted) == sum(
+        1 for g in range(5) for k in range(4) if a[g].max() == a[g].min() or a[g, k] > a[g].min()
+    )
+
+    with pytest.raises(ValueError, match="missing"):
+        select_samples({"a": np.full((1, 2), np.nan), "b": b[:1, :2]}, config("selection.strategy=raft"))
+
+
+def test_eval_stats_and_win_rate():
+    scores = np.array([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])  # 2 prompts x 3 seeds; per-seed means 2, 3, 4
+    stats = eval_stats(scores)
+    assert stats["mean"] == 3.0 and stats["max"] == 5.0
+    assert stats["se"] == pytest.approx(1.0 / np.sqrt(3))
+    assert win_rate(np.array([1.0, 2.0, 3.0]), np.array([0.0, 2.0, 4.0])) == pytest.approx(0.5)

@@ -1,0 +1,596 @@
+"""The distributed fine-tuning job: sample, score over gRPC, rank and weight, fine-tune (Ray Train).
+
+    rewardfleet train                                           # local preset against a running local fleet
+    rewardfleet train --config trainer/configs/cluster.yaml --address auto
+
+A `TorchTrainer` runs `train_loop_per_worker` on `run.num_workers` workers. Every round, each worker:
+
+1. samples K images per prompt for its shard of the training prompts with the current weights (seeded per round,
+   prompt and sample), batch by batch;
+2. hands each batch to the reward applications in the background (trainer/scoring.py) and samples the next batch
+   meanwhile; the held-out prompts are sampled too, from noise that is the same every round;
+3. gathers every worker's scores and selects/weights samples (raft, assemble or weighted; trainer/selection.py),
+   identically on every worker;
+4. fine-tunes the UNet (LoRA adapters or all weights, DDP) with the per-sample weighted denoising loss
+   (+ beta * denoising loss on pre-training pairs; trainer/losses.py);
+5. rank 0 writes a checkpoint (LoRA weights in diffusers' format, optimizer, next round, RNG state, metric
+   history) and every worker calls `ray.train.report`.
+
+After the last round the held-out prompts are sampled once more, so the metrics hold rounds 0..R of evaluation:
+round r is the model after r rounds of training, and round 0 is the base model.
+
+A worker that dies makes Ray Train restart the group (`run.max_failures`); the restarted workers load the latest
+checkpoint and go on with the round after it, so no round is lost or repeated. Rerunning with the same
+`run.output_dir` and `run.name` resumes the same way.
+
+Outputs in `run.output_dir`: metrics.jsonl (one row per round), tensorboard/, grids/round_XXX.png (held-out
+samples), reward_curve.png, and ray/<name>/ (Ray Train's checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.config import from_dict, to_dict
+from trainer.config import FinetuneConfig, PromptsConfig
+from trainer.prompts import generate_prompts, load_prompts, split_train_eval
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+LORA_DIR = "lora"
+UNET_DIR = "unet"
+FAULT_MARKER = ".fault_injected"
+
+
+def resolve_prompts(config: PromptsConfig, seed: int) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts), disjoint."""
+    if config.eval_file:
+        train = load_prompts(config.train_file) if config.train_file else generate_prompts(config.generate, seed)
+        evals = list(dict.fromkeys(load_prompts(config.eval_file)))
+        overlap = sorted(set(train) & set(evals))
+        if overlap:
+            raise ValueError(f"{len(overlap)} held-out prompt(s) are also training prompts, e.g. {overlap[0]!r}")
+        return list(dict.fromkeys(train)), evals
+    pool = (
+        load_prompts(config.train_file)
+        if config.train_file
+        else generate_prompts(config.generate + config.eval_count, seed)
+    )
+    return split_train_eval(pool, config.eval_count, seed)
+
+
+# --- Collectives (no-ops when there is a single process) ------------------------------------------------------
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- Metrics -----------------------------------------------------------------------------------------------------
+
+
+def win_rate(current: np.ndarray, base: np.ndarray) -> float:
+    """Fraction of (prompt, seed) pairs where `current` beats `base` (ties count half)."""
+    return float(np.mean((current > base) + 0.5 * (current == base)))
+
+
+def eval_stats(scores: np.ndarray) -> dict[str, float]:
+    """Held-out scores (P prompts, E seeds): mean, max, and the standard error of the mean over seeds.
+
+    The SE is the spread of the per-seed means (each over every prompt) divided by sqrt(E): how much the mean
+    moves when only the sampling noise changes.
+    """
+    per_seed = scores.mean(axis=0)  # (E,)
+    se = float(per_seed.std(ddof=1) / math.sqrt(len(per_seed))) if len(per_seed) > 1 else float("nan")
+    return {"mean": float(scores.mean()), "max": float(scores.max()), "se": se}
+
+
+def improvement_summary(rows: list[dict], reward: str) -> dict[str, float]:
+    """Base vs final held-out mean of `reward`, and the gain in base standard errors."""
+    base, final = rows[0], rows[-1]
+    se = base[f"eval/{reward}/se"]
+    gain = final[f"eval/{reward}/mean"] - base[f"eval/{reward}/mean"]
+    return {
+        "base_mean": base[f"eval/{reward}/mean"],
+        "base_se": se,
+        "final_mean": final[f"eval/{reward}/mean"],
+        "gain": gain,
+        "gain_in_se": gain / se if se and se > 0 else float("inf"),
+        "final_win_rate": final[f"eval/{reward}/win_rate"],
+        "rounds": final["round"],
+    }
+
+
+def save_grid(images: np.ndarray, columns: int, path: Path, tile: int = 96) -> None:
+    """A grid PNG of (N, H, W, 3) uint8 images, `columns` per row, each tile upscaled to `tile` pixels."""
+    from PIL import Image
+
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * tile, rows * tile), (255, 255, 255))
+    for i, image in enumerate(images):
+        tile_image = Image.fromarray(image).resize((tile, tile), Image.Resampling.NEAREST)
+        grid.paste(tile_image, ((i % columns) * tile, (i // columns) * tile))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+
+
+def plot_reward_curve(rows: list[dict], rewards: list[str], path: Path) -> None:
+    """Held-out mean (+- SE) and training mean of each reward per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(rewards), figsize=(5 * len(rewards), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], rewards, strict=True):
+        rounds = [r["round"] for r in rows]
+        mean = np.array([r[f"eval/{name}/mean"] for r in rows])
+        se = np.array([r[f"eval/{name}/se"] for r in rows])
+        ax.plot(rounds, mean, marker="o", label="held-out mean")
+        ax.fill_between(rounds, mean - se, mean + se, alpha=0.25, label="+- SE over seeds")
+        train = [(r["round"], r[f"train/{name}/mean"]) for r in rows if f"train/{name}/mean" in r]
+        if train:
+            ax.plot(*zip(*train, strict=True), marker="s", linestyle="--", label="training samples mean")
+        ax.set_xlabel("round (0 = base model)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- The worker ------------------------------------------------------------------------------------------------
+
+
+def _load_checkpoint(directory: Path, unet, optimizer, method: str, rank: int) -> dict:
+    import torch
+
+    from trainer.sampling import load_lora_into
+
+    if method == "lora":
+        load_lora_into(unet, directory / LORA_DIR)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(directory / UNET_DIR).state_dict())
+    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=False))
+    rng = torch.load(directory / RNG_FILE, weights_only=False)
+    if rank < len(rng):
+        random.setstate(rng[rank]["python"])
+        np.random.set_state(rng[rank]["numpy"])
+        torch.set_rng_state(rng[rank]["torch"])
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def _write_checkpoint(directory: Path, unet, optimizer, method: str, state: dict, rng_states: list) -> None:
+    import torch
+
+    from trainer.sampling import save_lora
+
+    if method == "lora":
+        save_lora(unet, directory / LORA_DIR)
+    else:
+        unet.save_pretrained(directory / UNET_DIR)
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    torch.save(rng_states, directory / RNG_FILE)
+    (directory / STATE_FILE).write_text(json.dumps(state))
+
+
+def _rng_state() -> dict:
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def select_samples(scores: dict[str, np.ndarray], config: FinetuneConfig) -> list[tuple[int, int, float]]:
+    """The round's training samples as (prompt, sample, loss weight), from every reward's (G, K) scores.
+
+    raft: each prompt's best sample by the primary reward (weight 1); assemble: each prompt's best by the fused
+    per-prompt ranks of every reward; weighted: every sample with a positive weight from the primary reward.
+    """
+    from trainer.selection import best_of_k, fuse, reward_weights
+
+    sel, primary = config.selection, scores[config.rewards.primary]
+    if sel.strategy == "raft":
+        return [(g, j, 1.0) for g, j in best_of_k(primary, sel.top_fraction)]
+    if sel.strategy == "assemble":
+        fused = fuse(scores, sel.fusion, config.rewards.weights, sel.rrf_k)
+        return [(g, j, 1.0) for g, j in best_of_k(fused, sel.top_fraction)]
+    weights = reward_weights(primary, sel.weighting, sel.temperature)  # (G, K), each row sums to K
+    return [
+        (g, j, float(weights[g, j])) for g in range(len(primary)) for j in range(primary.shape[1]) if weights[g, j] > 0
+    ]
+
+
+class _Worker:
+    """The state of one Ray Train worker across rounds; `run_round` is one round (see the module docstring)."""
+
+    def __init__(self, config: FinetuneConfig):
+        import ray.train
+        import ray.train.torch
+        import torch
+        from diffusers import DDPMScheduler
+
+        from trainer.sampling import add_lora, load_pipeline, set_scheduler
+        from trainer.scoring import BackgroundScorer
+
+        self.config = config
+        run, optim = config.run, config.optim
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.is_main = self.rank == 0
+        torch.set_num_threads(run.torch_threads or max(1, int(run.cpus_per_worker)))
+        self.device = ray.train.torch.get_device()
+        self.output_dir = Path(run.output_dir)
+        self.rewards = list(config.rewards.weights)
+
+        # The pipeline; only the UNet's adapters (or the whole UNet) train.
+        torch.manual_seed(run.seed)  # identical LoRA init on every worker (DDP also broadcasts rank 0's)
+        self.pipe = load_pipeline(config.model, self.device)
+        set_scheduler(self.pipe, config.sampling)
+        self.params = add_lora(self.pipe.unet, optim)
+        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.train_prompts, self.eval_prompts = resolve_prompts(config.prompts, run.seed)
+        self.my_train = list(range(self.rank, len(self.train_prompts), self.world))  # this worker's prompt indices
+        self.my_eval = list(range(self.rank, len(self.eval_prompts), self.world))
+
+        # Resume: the run's own latest checkpoint, else run.resume_from.
+        self.state: dict[str, Any] = {"next_round": 0, "base_eval": None, "history": [], "starts": 0}
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and run.resume_from:
+            checkpoint = ray.train.Checkpoint(run.resume_from)
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                self.state = _load_checkpoint(Path(directory), self.pipe.unet, self.optimizer, optim.method, self.rank)
+        self.state["starts"] += 1
+        # DDP wrapper for training; sampling goes through self.pipe.unet, the same parameters.
+        self.unet = ray.train.torch.prepare_model(self.pipe.unet) if self.world > 1 else self.pipe.unet
+        self.pretrain_latents, self.pretrain_prompts = self._encode_pretrain() if optim.beta > 0 else (None, None)
+        self.scorer = BackgroundScorer(config.rewards)
+        self.embed_cache: dict = {}
+        self.writer = None
+        if self.is_main:
+            # The checkpoint's history is the truth: drop rows a crashed attempt wrote after its last checkpoint.
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self.state["history"])
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=self.state["next_round"])
+
+    def _encode_pretrain(self):
+        """VAE latents (N, C, h, w) of the pre-training pairs (one posterior sample, seeded) and their prompts."""
+        import torch
+
+        from trainer.pretrain_data import load_pretrain_pairs
+
+        images, prompts = load_pretrain_pairs(self.config.optim.pretrain_data, self.config.model.resolution)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (N, 3, H, W) in [-1, 1]
+        vae = self.pipe.vae
+        with torch.no_grad():
+            posterior = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+            generator = torch.Generator(device="cpu").manual_seed(self.config.run.seed)
+            noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
+            latents = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
+        return latents.float().cpu(), prompts
+
+    def close(self) -> None:
+        self.scorer.close()
+        if self.writer is not None:
+            self.writer.close()
+
+    # 1-2. Sampling, with scoring in the background.
+    def _sample_and_score(self, rnd: int, final: bool) -> dict:
+        """Samples this worker's training shard (K per prompt; none in the final round) and held-out shard, batch by
+        batch, handing each batch to the rewards while the next one is sampled. Returns latents, images, scores."""
+        from trainer.sampling import STREAM_EVAL, STREAM_TRAIN, sample_images, sample_seed
+
+        run, sampling = self.config.run, self.config.sampling
+        k, e = sampling.samples_per_prompt, self.config.prompts.eval_seeds
+        jobs = []  # (kind, prompts, seeds)
+        for kind, shard, prompts, n in (
+            ("train", [] if final else self.my_train, self.train_prompts, k),
+            ("eval", self.my_eval, self.eval_prompts, e),
+        ):
+            for start in range(0, len(shard), sampling.prompts_per_batch):
+                gs = shard[start : start + sampling.prompts_per_batch]
+                # Training noise changes every round; held-out noise is the same every round.
+                seeds = [
+                    sample_seed(run.seed, STREAM_TRAIN, rnd, g, j)
+                    if kind == "train"
+                    else sample_seed(run.seed, STREAM_EVAL, g, j)
+                    for g in gs
+                    for j in range(n)
+                ]
+                jobs.append((kind, [prompts[g] for g in gs for _ in range(n)], seeds))
+        out = {"latents": {"train": [], "eval": []}, "images": {"train": [], "eval": []}, "sample_s": 0.0}
+        self.pipe.unet.eval()
+        for i, (kind, prompts, seeds) in enumerate(jobs):
+            self._maybe_inject_fault(rnd, i, len(jobs))
+            t0 = time.perf_counter()
+            samples = sample_images(self.pipe, prompts, seeds, sampling, self.config.model.resolution)
+            out["sample_s"] += time.perf_counter() - t0
+            self.scorer.submit(samples.images, prompts, [f"r{rnd}-{kind}{i}-{j}" for j in range(len(prompts))])
+            out["latents"][kind].append(samples.latents)
+            out["images"][kind].append(samples.images)
+        # 3. Collect the scores: only the last batches are still in flight.
+        flat = self.scorer.collect()  # name -> (n_train + n_eval,), in job order
+        n_train = sum(len(j[1]) for j in jobs if j[0] == "train")
+        out["scores"] = {
+            "train": {n: v[:n_train] for n, v in flat.items()},
+            "eval": {n: v[n_train:] for n, v in flat.items()},
+        }
+        return out
+
+    def _maybe_inject_fault(self, rnd: int, job: int, jobs: int) -> None:
+        run = self.config.run
+        if run.fail_at_round == rnd and self.rank == self.world - 1 and job == jobs // 2:
+            marker = self.output_dir / FAULT_MARKER
+            if not marker.exists():
+                marker.write_text(f"worker {self.rank} exited in round {rnd}\n")
+                os._exit(1)  # an abrupt death, as from a lost node: no cleanup, no exception
+
+    def _gather_scores(self, mine: dict, final: bool) -> dict[str, dict[str, np.ndarray]]:
+        """Every worker's scores as kind ("train", "eval") -> reward -> (prompts, K or eval seeds), global order."""
+        shards = _all_gather((self.my_train, self.my_eval, mine))
+        k, e = self.config.sampling.samples_per_prompt, self.config.prompts.eval_seeds
+        grids: dict[str, dict[str, np.ndarray]] = {}
+        for kind, width, total, slot in (
+            ("train", k, len(self.train_prompts), 0),
+            ("eval", e, len(self.eval_prompts), 1),
+        ):
+            if final and kind == "train":
+                continue
+            grids[kind] = {}
+            for name in self.rewards:
+                grid = np.full((total, width), np.nan)  # a NaN left over would make selection raise
+                for shard in shards:
+                    idx = shard[slot]
+                    grid[idx] = shard[2][kind][name].reshape(len(idx), width)
+                grids[kind][name] = grid
+        return grids
+
+    # 4-5. Selection and fine-tuning.
+    def _train(self, rnd: int, picks: list[tuple[int, int, float]], my_latents) -> float:
+        """Fine-tunes on the picked samples; returns the mean loss. Every worker runs the same number of steps (DDP),
+        each on its slice of one shared shuffle of the picks."""
+        import torch
+
+        from trainer.losses import denoising_loss_per_sample, reward_weighted_loss
+        from trainer.sampling import STREAM_TIMESTEPS, sample_seed
+
+        run, optim, k = self.config.run, self.config.optim, self.config.sampling.samples_per_prompt
+        # Each worker contributes the latents of the picks it sampled; every worker gets them all.
+        position = {g: i for i, g in enumerate(self.my_train)}
+        owned = {(g, j): my_latents[position[g] * k + j] for g, j, _ in picks if g in position}
+        gathered: dict = {}
+        for part in _all_gather(owned):
+            gathered.update(part)
+        items = [(gathered[(g, j)], self.train_prompts[g], w) for g, j, w in picks]
+
+        order_rng = np.random.default_rng(sample_seed(run.seed, STREAM_TIMESTEPS, rnd))
+        order = np.concatenate([order_rng.permutation(len(items)) for _ in range(optim.epochs_per_round)])
+        steps = max(1, math.ceil(len(order) / (self.world * optim.batch_size)))
+        generator = torch.Generator(device="cpu").manual_seed(sample_seed(run.seed, STREAM_TIMESTEPS, rnd, self.rank))
+        timesteps = self.noise_scheduler.config.num_train_timesteps
+        losses = []
+        self.pipe.unet.train()
+        for step in range(steps):
+            first = (step * self.world + self.rank) * optim.batch_size
+            batch = [items[order[(first + b) % len(order)]] for b in range(optim.batch_size)]
+            x0 = torch.stack([b[0] for b in batch]).to(self.device)  # (B, C, h, w)
+            cond = self._encode_prompts([b[1] for b in batch])  # (B, L, D)
+            weights = torch.tensor([b[2] for b in batch], device=self.device)  # (B,)
+            noise = torch.randn(x0.shape, generator=generator).to(self.device)
+            t = torch.randint(0, timesteps, (len(batch),), generator=generator).to(self.device)
+            model_losses = denoising_loss_per_sample(self.unet, self.noise_scheduler, x0, cond, noise, t)  # (B,)
+            pre_losses = None
+            if self.pretrain_latents is not None:
+                idx = torch.randint(0, len(self.pretrain_latents), (optim.batch_size,), generator=generator)
+                px0 = self.pretrain_latents[idx].to(self.device)
+                pcond = self._encode_prompts([self.pretrain_prompts[i] for i in idx.tolist()])
+                pnoise = torch.randn(px0.shape, generator=generator).to(self.device)
+                pt = torch.randint(0, timesteps, (len(idx),), generator=generator).to(self.device)
+                pre_losses = denoising_loss_per_sample(self.unet, self.noise_scheduler, px0, pcond, pnoise, pt)
+            loss = reward_weighted_loss(model_losses, weights, pre_losses, optim.beta)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, optim.max_grad_norm)
+            self.optimizer.step()
+            losses.append(loss.item())
+        self.pipe.unet.eval()
+        return float(np.mean(losses))
+
+    def _encode_prompts(self, prompts: list[str]):
+        """(B, L, D) text-encoder states of `prompts` (the encoder is frozen: each distinct prompt is encoded once)."""
+        import torch
+
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.embed_cache]
+        if missing:
+            with torch.no_grad():
+                embeds, _ = self.pipe.encode_prompt(missing, self.device, 1, do_classifier_free_guidance=False)
+            self.embed_cache.update(zip(missing, embeds, strict=True))
+        return torch.stack([self.embed_cache[p] for p in prompts])
+
+    # 6. Metrics, checkpoint, report.
+    def _metrics(self, rnd: int, final: bool, scores: dict, picks: list, loss: float, timings: list[dict]) -> dict:
+        row: dict[str, Any] = {"round": rnd, "final": final, "selected": len(picks), "loss": loss}
+        for name in self.rewards:
+            if not final:
+                row[f"train/{name}/mean"] = float(np.mean(scores["train"][name]))
+                row[f"train/{name}/max"] = float(np.max(scores["train"][name]))
+            for key, value in eval_stats(scores["eval"][name]).items():
+                row[f"eval/{name}/{key}"] = value
+            row[f"eval/{name}/win_rate"] = win_rate(scores["eval"][name], np.array(self.state["base_eval"][name]))
+        for key in ("sample_s", "wait_s", "train_s", "round_s"):
+            row[f"time/{key}"] = float(np.mean([t[key] for t in timings]))
+        row["time/wait_fraction"] = float(np.mean([t["wait_s"] / t["round_s"] for t in timings]))
+        row["time/wait_fraction_max"] = float(max(t["wait_s"] / t["round_s"] for t in timings))
+        row["attempt"] = self.state["starts"]
+        return row
+
+    def _save_grid(self, rnd: int, eval_images: list) -> None:
+        """Held-out samples of the round (first 8 prompts, one row each, one column per seed)."""
+        per_prompt = self.config.prompts.eval_seeds
+        shape = next(block.shape[1:] for _, block in eval_images if block is not None)
+        grid = np.zeros((len(self.eval_prompts) * per_prompt, *shape), np.uint8)
+        for idx, block in eval_images:
+            for n, g in enumerate(idx):
+                grid[g * per_prompt : (g + 1) * per_prompt] = block[n * per_prompt : (n + 1) * per_prompt]
+        save_grid(grid[: 8 * per_prompt], per_prompt, self.output_dir / "grids" / f"round_{rnd:03d}.png")
+
+    def run_round(self, rnd: int) -> dict:
+        import ray.train
+        import torch
+
+        final = rnd == self.config.run.rounds  # evaluation only, after the last round of training
+        round_start = time.perf_counter()
+        self.scorer.wait_s = 0.0
+
+        # 1-3. Sample and score (in the background), then share the scores.
+        out = self._sample_and_score(rnd, final)
+        scores = self._gather_scores(out["scores"], final)
+
+        # 4-5. Select (identically on every worker: same scores, deterministic ties) and fine-tune.
+        picks, loss, train_s = [], float("nan"), 0.0
+        if not final:
+            picks = select_samples(scores["train"], self.config)
+            t0 = time.perf_counter()
+            loss = self._train(rnd, picks, torch.cat(out["latents"]["train"]) if out["latents"]["train"] else None)
+            train_s = time.perf_counter() - t0
+
+        # 6. Metrics (every worker's timings), checkpoint (rank 0), report (every worker).
+        round_s = time.perf_counter() - round_start
+        timings = _all_gather(
+            {"sample_s": out["sample_s"], "wait_s": self.scorer.wait_s, "train_s": train_s, "round_s": round_s}
+        )
+        eval_images = _all_gather((self.my_eval, np.concatenate(out["images"]["eval"]) if self.my_eval else None))
+        if self.state["base_eval"] is None:
+            self.state["base_eval"] = {n: scores["eval"][n].tolist() for n in self.rewards}
+        row = self._metrics(rnd, final, scores, picks, loss, timings)
+        self.state["history"].append(row)
+        self.state["next_round"] = rnd + 1
+        rng_states = _all_gather(_rng_state())
+        if self.is_main:
+            self._save_grid(rnd, eval_images)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.is_main and not final:
+                method = self.config.optim.method
+                _write_checkpoint(Path(tmp), self.pipe.unet, self.optimizer, method, self.state, rng_states)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({k: v for k, v in row.items() if isinstance(v, int | float)}, checkpoint=checkpoint)
+        if not final:
+            # Ray Train registers a reported checkpoint asynchronously. Wait until it is committed, so a failure in
+            # the next round resumes from this one instead of repeating it.
+            from ray.train import CheckpointConsistencyMode
+
+            ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+        if self.is_main:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            for key, value in row.items():
+                if isinstance(value, float) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, rnd)
+            self.writer.flush()
+        return row
+
+
+def train_loop_per_worker(config_dict: dict) -> None:
+    """One Ray Train worker: rounds from the checkpoint's next round to the final evaluation."""
+    from tqdm.auto import tqdm
+
+    config = from_dict(FinetuneConfig, config_dict)
+    worker = _Worker(config)
+    primary = config.rewards.primary
+    try:
+        bar = tqdm(range(worker.state["next_round"], config.run.rounds + 1), desc="rounds", disable=not worker.is_main)
+        for rnd in bar:
+            row = worker.run_round(rnd)
+            bar.set_postfix({f"held-out {primary}": f"{row[f'eval/{primary}/mean']:.4g}"})
+    finally:
+        worker.close()
+
+
+# --- The driver --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneRun:
+    output_dir: Path
+    # The latest checkpoint directory (Ray Train storage), None if no round finished.
+    checkpoint: Path | None
+    # metrics.jsonl rows, rounds 0..R.
+    rows: list[dict]
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_finetune(config: FinetuneConfig) -> FinetuneRun:
+    """Runs the job on the connected Ray cluster (`ray.init` first) and returns its outputs.
+
+    Raises:
+        trainer.scoring.RewardRoundError: a reward application is not reachable (checked before starting workers).
+        ray.train.TrainingFailedError: the job failed more than run.max_failures times.
+    """
+    import dataclasses
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from trainer.scoring import BackgroundScorer
+
+    output_dir = Path(config.run.output_dir).expanduser().resolve()
+    config = dataclasses.replace(config, run=dataclasses.replace(config.run, output_dir=str(output_dir)))
+    resolve_prompts(config.prompts, config.run.seed)  # bad prompt files fail here, not in every worker
+    scorer = BackgroundScorer(config.rewards)
+    try:
+        scorer.check()
+    finally:
+        scorer.close()
+
+    resources = {"CPU": config.run.cpus_per_worker}
+    if config.run.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(config),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.run.num_workers, use_gpu=config.run.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=config.run.name,
+            storage_path=str(output_dir / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
+        ),
+    )
+    result = trainer.fit()
+    rows = read_metrics(output_dir)
+    if rows:
+        plot_reward_curve(rows, list(config.rewards.weights), output_dir / "reward_curve.png")
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
+    return FinetuneRun(output_dir=output_dir, checkpoint=checkpoint, rows=rows)

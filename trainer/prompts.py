@@ -1,0 +1,90 @@
+"""Prompts for fine-tuning: read from a file, or generated in the papers' count / color / background style.
+
+    load_prompts("prompts.txt")     # one prompt per line; blank lines and lines starting with "#" are skipped
+    load_prompts("prompts.jsonl")   # one {"prompt": ...} object per line (other keys are ignored)
+    generate_prompts(100, seed=0)   # "two green dogs in the city", ...
+
+`split_train_eval` keeps held-out evaluation prompts disjoint from the training prompts, so a reward gain on them
+is not memorisation of the training prompts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+# Lee et al.'s prompts combine a count, a color, an object and a background ("two green dogs in the city").
+COUNTS = ("one", "two", "three", "four")
+COLORS = ("red", "green", "blue", "yellow", "purple", "black", "white", "brown")
+# (singular, plural)
+OBJECTS = (
+    ("dog", "dogs"),
+    ("cat", "cats"),
+    ("apple", "apples"),
+    ("car", "cars"),
+    ("bird", "birds"),
+    ("cup", "cups"),
+    ("ball", "balls"),
+    ("flower", "flowers"),
+)
+BACKGROUNDS = ("in the city", "in the forest", "on the beach", "in the snow", "on a table", "in a field")
+
+
+def paper_prompt(count: int, color: str, obj: tuple[str, str], background: str) -> str:
+    """One prompt: `count` is 1-4, e.g. paper_prompt(2, "green", ("dog", "dogs"), "in the city")."""
+    noun = obj[0] if count == 1 else obj[1]
+    return f"{COUNTS[count - 1]} {color} {noun} {background}"
+
+
+def generate_prompts(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct prompts drawn (seeded) from every count x color x object x background combination."""
+    combos = list(itertools.product(range(1, len(COUNTS) + 1), COLORS, OBJECTS, BACKGROUNDS))
+    if not 1 <= n <= len(combos):
+        raise ValueError(f"n must be in [1, {len(combos)}] (the distinct combinations), got {n}")
+    order = np.random.default_rng(seed).permutation(len(combos))[:n]
+    return [paper_prompt(*combos[i]) for i in order]
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompts from a text file (one per line) or a JSONL of {"prompt": ...} (by suffix .jsonl)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or (path.suffix != ".jsonl" and line.startswith("#")):
+            continue
+        if path.suffix == ".jsonl":
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            prompt = record.get("prompt") if isinstance(record, dict) else None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{path}:{number}: expected an object with a non-empty string 'prompt'")
+            line = prompt.strip()
+        prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def split_train_eval(prompts: list[str], eval_count: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, eval): `eval_count` distinct prompts held out (seeded draw), the rest for training, order kept.
+
+    Duplicates are dropped first, so one prompt can never be on both sides.
+    """
+    unique = list(dict.fromkeys(prompts))
+    if not 1 <= eval_count < len(unique):
+        raise ValueError(
+            f"eval_count must be in [1, {len(unique) - 1}] to leave training prompts ({len(unique)} distinct), "
+            f"got {eval_count}"
+        )
+    held = set(np.random.default_rng(seed).choice(len(unique), eval_count, replace=False).tolist())
+    train = [p for i, p in enumerate(unique) if i not in held]
+    evals = [p for i, p in enumerate(unique) if i in held]
+    return train, evals
