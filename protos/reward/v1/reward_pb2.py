@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/reward/v1/reward.proto\x12\treward.v1\"7\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"d\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x03 \x01(\x0cH\x00\x12\"\n\x03raw\x18\x04 \x01(\x0b\x32\x13.reward.v1.RawImageH\x00\x42\x07\n\x05image\"\x99\x01\n\x0cScoreRequest\x12\"\n\x07samples\x18\x01 \x03(\x0b\x32\x11.reward.v1.Sample\x12\x35\n\x07options\x18\x02 \x03(\x0b\x32$.reward.v1.ScoreRequest.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x0bSampleError\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.reward.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"]\n\x07Segment\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rarea_fraction\x18\x02 \x01(\x02\x12\x18\n\x10label_confidence\x18\x03 \x01(\x02\x12\x12\n\nlikelihood\x18\x04 \x01(\x02\"\x89\x02\n\x0cSampleResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12;\n\ncomponents\x18\x03 \x03(\x0b\x32\'.reward.v1.SampleResult.ComponentsEntry\x12\x14\n\x07\x63\x61ption\x18\x04 \x01(\tH\x00\x88\x01\x01\x12$\n\x08segments\x18\x05 \x03(\x0b\x32\x12.reward.v1.Segment\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.reward.v1.SampleError\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\n\n\x08_caption\"N\n\rScoreResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.reward.v1.SampleResult\x12\x13\n\x0breward_name\x18\x02 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\";\n\tModelInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\"/\n\nOptionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xc8\x02\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nmin_reward\x18\x03 \x01(\x02\x12\x12\n\nmax_reward\x18\x04 \x01(\x02\x12\x18\n\x10higher_is_better\x18\x05 \x01(\x08\x12$\n\x06models\x18\x06 \x03(\x0b\x32\x14.reward.v1.ModelInfo\x12\x1f\n\x17max_samples_per_request\x18\x07 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12&\n\x07options\x18\x0b \x03(\x0b\x32\x15.reward.v1.OptionInfo\x12\x13\n\x0b\x63onfig_json\x18\x0c \x01(\t*\xae\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x11\n\rMISSING_IMAGE\x10\x01\x12\x11\n\rINVALID_IMAGE\x10\x02\x12\x13\n\x0fIMAGE_TOO_LARGE\x10\x03\x12\x12\n\x0eINVALID_PROMPT\x10\x04\x12\x12\n\x0eSCORING_FAILED\x10\x05\x12\x14\n\x10\x43OMPONENT_FAILED\x10\x06\x12\x0c\n\x08NOT_SENT\x10\x07\x32\x90\x01\n\rRewardService\x12:\n\x05Score\x12\x17.reward.v1.ScoreRequest\x1a\x18.reward.v1.ScoreResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.reward.v1.DescribeRequest\x1a\x1b.reward.v1.DescribeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dprotos/reward/v1/reward.proto\x12\treward.v1\"7\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"d\n\x06Sample\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\x07\x65ncoded\x18\x03 \x01(\x0cH\x00\x12\"\n\x03raw\x18\x04 \x01(\x0b\x32\x13.reward.v1.RawImageH\x00\x42\x07\n\x05image\"\x99\x01\n\x0cScoreRequest\x12\"\n\x07samples\x18\x01 \x03(\x0b\x32\x11.reward.v1.Sample\x12\x35\n\x07options\x18\x02 \x03(\x0b\x32$.reward.v1.ScoreRequest.OptionsEntry\x1a.\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x0bSampleError\x12\"\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x14.reward.v1.ErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\"]\n\x07Segment\x12\r\n\x05label\x18\x01 \x01(\t\x12\x15\n\rarea_fraction\x18\x02 \x01(\x02\x12\x18\n\x10label_confidence\x18\x03 \x01(\x02\x12\x12\n\nlikelihood\x18\x04 \x01(\x02\"\xbe\x02\n\x0cSampleResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reward\x18\x02 \x01(\x02\x12;\n\ncomponents\x18\x03 \x03(\x0b\x32\'.reward.v1.SampleResult.ComponentsEntry\x12\x14\n\x07\x63\x61ption\x18\x04 \x01(\tH\x00\x88\x01\x01\x12$\n\x08segments\x18\x05 \x03(\x0b\x32\x12.reward.v1.Segment\x12%\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x16.reward.v1.SampleError\x12\x33\n\x10\x63omponent_errors\x18\x07 \x03(\x0b\x32\x19.reward.v1.ComponentError\x1a\x31\n\x0f\x43omponentsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\n\n\x08_caption\"j\n\x0e\x43omponentError\x12\x11\n\tcomponent\x18\x01 \x01(\t\x12\x10\n\x08required\x18\x02 \x01(\x08\x12\"\n\x04\x63ode\x18\x03 \x01(\x0e\x32\x14.reward.v1.ErrorCode\x12\x0f\n\x07message\x18\x04 \x01(\t\"v\n\nProvenance\x12\x13\n\x0breward_name\x18\x01 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12\x11\n\tmodel_ids\x18\x03 \x03(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\x16\n\x0eserver_version\x18\x05 \x01(\t\"\x9d\x02\n\rScoreResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.reward.v1.SampleResult\x12\x13\n\x0breward_name\x18\x02 \x01(\t\x12)\n\nprovenance\x18\x03 \x01(\x0b\x32\x15.reward.v1.Provenance\x12O\n\x14\x63omponent_provenance\x18\x04 \x03(\x0b\x32\x31.reward.v1.ScoreResponse.ComponentProvenanceEntry\x1aQ\n\x18\x43omponentProvenanceEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12$\n\x05value\x18\x02 \x01(\x0b\x32\x15.reward.v1.Provenance:\x02\x38\x01\"\x11\n\x0f\x44\x65scribeRequest\";\n\tModelInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\t\"/\n\nOptionInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"\xf3\x02\n\x10\x44\x65scribeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x12\n\nmin_reward\x18\x03 \x01(\x02\x12\x12\n\nmax_reward\x18\x04 \x01(\x02\x12\x18\n\x10higher_is_better\x18\x05 \x01(\x08\x12$\n\x06models\x18\x06 \x03(\x0b\x32\x14.reward.v1.ModelInfo\x12\x1f\n\x17max_samples_per_request\x18\x07 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x08 \x01(\x04\x12\x18\n\x10max_image_pixels\x18\t \x01(\x04\x12\x16\n\x0emax_batch_size\x18\n \x01(\r\x12&\n\x07options\x18\x0b \x03(\x0b\x32\x15.reward.v1.OptionInfo\x12\x13\n\x0b\x63onfig_json\x18\x0c \x01(\t\x12)\n\nprovenance\x18\r \x01(\x0b\x32\x15.reward.v1.Provenance*\xae\x01\n\tErrorCode\x12\x1a\n\x16\x45RROR_CODE_UNSPECIFIED\x10\x00\x12\x11\n\rMISSING_IMAGE\x10\x01\x12\x11\n\rINVALID_IMAGE\x10\x02\x12\x13\n\x0fIMAGE_TOO_LARGE\x10\x03\x12\x12\n\x0eINVALID_PROMPT\x10\x04\x12\x12\n\x0eSCORING_FAILED\x10\x05\x12\x14\n\x10\x43OMPONENT_FAILED\x10\x06\x12\x0c\n\x08NOT_SENT\x10\x07\x32\x90\x01\n\rRewardService\x12:\n\x05Score\x12\x17.reward.v1.ScoreRequest\x1a\x18.reward.v1.ScoreResponse\x12\x43\n\x08\x44\x65scribe\x12\x1a.reward.v1.DescribeRequest\x1a\x1b.reward.v1.DescribeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREREQUEST_OPTIONSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLERESULT_COMPONENTSENTRY']._loaded_options = None
   _globals['_SAMPLERESULT_COMPONENTSENTRY']._serialized_options = b'8\001'
-  _globals['_ERRORCODE']._serialized_start=1331
-  _globals['_ERRORCODE']._serialized_end=1505
+  _globals['_SCORERESPONSE_COMPONENTPROVENANCEENTRY']._loaded_options = None
+  _globals['_SCORERESPONSE_COMPONENTPROVENANCEENTRY']._serialized_options = b'8\001'
+  _globals['_ERRORCODE']._serialized_start=1863
+  _globals['_ERRORCODE']._serialized_end=2037
   _globals['_RAWIMAGE']._serialized_start=44
   _globals['_RAWIMAGE']._serialized_end=99
   _globals['_SAMPLE']._serialized_start=101
@@ -50,19 +52,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENT']._serialized_start=427
   _globals['_SEGMENT']._serialized_end=520
   _globals['_SAMPLERESULT']._serialized_start=523
-  _globals['_SAMPLERESULT']._serialized_end=788
-  _globals['_SAMPLERESULT_COMPONENTSENTRY']._serialized_start=727
-  _globals['_SAMPLERESULT_COMPONENTSENTRY']._serialized_end=776
-  _globals['_SCORERESPONSE']._serialized_start=790
-  _globals['_SCORERESPONSE']._serialized_end=868
-  _globals['_DESCRIBEREQUEST']._serialized_start=870
-  _globals['_DESCRIBEREQUEST']._serialized_end=887
-  _globals['_MODELINFO']._serialized_start=889
-  _globals['_MODELINFO']._serialized_end=948
-  _globals['_OPTIONINFO']._serialized_start=950
-  _globals['_OPTIONINFO']._serialized_end=997
-  _globals['_DESCRIBERESPONSE']._serialized_start=1000
-  _globals['_DESCRIBERESPONSE']._serialized_end=1328
-  _globals['_REWARDSERVICE']._serialized_start=1508
-  _globals['_REWARDSERVICE']._serialized_end=1652
+  _globals['_SAMPLERESULT']._serialized_end=841
+  _globals['_SAMPLERESULT_COMPONENTSENTRY']._serialized_start=780
+  _globals['_SAMPLERESULT_COMPONENTSENTRY']._serialized_end=829
+  _globals['_COMPONENTERROR']._serialized_start=843
+  _globals['_COMPONENTERROR']._serialized_end=949
+  _globals['_PROVENANCE']._serialized_start=951
+  _globals['_PROVENANCE']._serialized_end=1069
+  _globals['_SCORERESPONSE']._serialized_start=1072
+  _globals['_SCORERESPONSE']._serialized_end=1357
+  _globals['_SCORERESPONSE_COMPONENTPROVENANCEENTRY']._serialized_start=1276
+  _globals['_SCORERESPONSE_COMPONENTPROVENANCEENTRY']._serialized_end=1357
+  _globals['_DESCRIBEREQUEST']._serialized_start=1359
+  _globals['_DESCRIBEREQUEST']._serialized_end=1376
+  _globals['_MODELINFO']._serialized_start=1378
+  _globals['_MODELINFO']._serialized_end=1437
+  _globals['_OPTIONINFO']._serialized_start=1439
+  _globals['_OPTIONINFO']._serialized_end=1486
+  _globals['_DESCRIBERESPONSE']._serialized_start=1489
+  _globals['_DESCRIBERESPONSE']._serialized_end=1860
+  _globals['_REWARDSERVICE']._serialized_start=2040
+  _globals['_REWARDSERVICE']._serialized_end=2184
 # @@protoc_insertion_point(module_scope)

@@ -84,7 +84,7 @@ class Segment(_message.Message):
     def __init__(self, label: _Optional[str] = ..., area_fraction: _Optional[float] = ..., label_confidence: _Optional[float] = ..., likelihood: _Optional[float] = ...) -> None: ...
 
 class SampleResult(_message.Message):
-    __slots__ = ("id", "reward", "components", "caption", "segments", "error")
+    __slots__ = ("id", "reward", "components", "caption", "segments", "error", "component_errors")
     class ComponentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,21 +98,60 @@ class SampleResult(_message.Message):
     CAPTION_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_ERRORS_FIELD_NUMBER: _ClassVar[int]
     id: str
     reward: float
     components: _containers.ScalarMap[str, float]
     caption: str
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     error: SampleError
-    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., components: _Optional[_Mapping[str, float]] = ..., caption: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., error: _Optional[_Union[SampleError, _Mapping]] = ...) -> None: ...
+    component_errors: _containers.RepeatedCompositeFieldContainer[ComponentError]
+    def __init__(self, id: _Optional[str] = ..., reward: _Optional[float] = ..., components: _Optional[_Mapping[str, float]] = ..., caption: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., error: _Optional[_Union[SampleError, _Mapping]] = ..., component_errors: _Optional[_Iterable[_Union[ComponentError, _Mapping]]] = ...) -> None: ...
+
+class ComponentError(_message.Message):
+    __slots__ = ("component", "required", "code", "message")
+    COMPONENT_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    component: str
+    required: bool
+    code: ErrorCode
+    message: str
+    def __init__(self, component: _Optional[str] = ..., required: _Optional[bool] = ..., code: _Optional[_Union[ErrorCode, str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class Provenance(_message.Message):
+    __slots__ = ("reward_name", "application", "model_ids", "fingerprint", "server_version")
+    REWARD_NAME_FIELD_NUMBER: _ClassVar[int]
+    APPLICATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    reward_name: str
+    application: str
+    model_ids: _containers.RepeatedScalarFieldContainer[str]
+    fingerprint: str
+    server_version: str
+    def __init__(self, reward_name: _Optional[str] = ..., application: _Optional[str] = ..., model_ids: _Optional[_Iterable[str]] = ..., fingerprint: _Optional[str] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("results", "reward_name")
+    __slots__ = ("results", "reward_name", "provenance", "component_provenance")
+    class ComponentProvenanceEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Provenance
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     REWARD_NAME_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    COMPONENT_PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[SampleResult]
     reward_name: str
-    def __init__(self, results: _Optional[_Iterable[_Union[SampleResult, _Mapping]]] = ..., reward_name: _Optional[str] = ...) -> None: ...
+    provenance: Provenance
+    component_provenance: _containers.MessageMap[str, Provenance]
+    def __init__(self, results: _Optional[_Iterable[_Union[SampleResult, _Mapping]]] = ..., reward_name: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., component_provenance: _Optional[_Mapping[str, Provenance]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -137,7 +176,7 @@ class OptionInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("name", "description", "min_reward", "max_reward", "higher_is_better", "models", "max_samples_per_request", "max_request_bytes", "max_image_pixels", "max_batch_size", "options", "config_json")
+    __slots__ = ("name", "description", "min_reward", "max_reward", "higher_is_better", "models", "max_samples_per_request", "max_request_bytes", "max_image_pixels", "max_batch_size", "options", "config_json", "provenance")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MIN_REWARD_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +189,7 @@ class DescribeResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     min_reward: float
@@ -162,4 +202,5 @@ class DescribeResponse(_message.Message):
     max_batch_size: int
     options: _containers.RepeatedCompositeFieldContainer[OptionInfo]
     config_json: str
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., min_reward: _Optional[float] = ..., max_reward: _Optional[float] = ..., higher_is_better: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_samples_per_request: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., config_json: _Optional[str] = ...) -> None: ...
+    provenance: Provenance
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., min_reward: _Optional[float] = ..., max_reward: _Optional[float] = ..., higher_is_better: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_samples_per_request: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., config_json: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
