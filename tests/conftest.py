@@ -24,6 +24,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _assemble_app(name: str, **args) -> dict:
+    return {
+        "name": name,
+        "route_prefix": f"/{name}",
+        "import_path": "services.assemble:build_app",
+        "args": args,
+        "deployments": [{"name": "assemble", "ray_actor_options": {"num_cpus": 0.1}}],
+    }
+
+
+# Assemble applications over the test fleet's rewards. The caption reward waits 0.1 s for a batch to fill, so a
+# 1 ms timeout always expires.
+ASSEMBLE_MIXED = {
+    "components": [
+        {"application": "jpeg_compressibility", "weight": 2.0, "center": -1.0, "scale": 0.5},
+        {"application": "jpeg_limited", "weight": 1.0, "center": -2.0, "scale": 1.0},
+        {"application": "caption", "required": False, "timeout_s": 0.001},
+    ]
+}
+ASSEMBLE_TEST_APPS = [
+    _assemble_app("assemble_mixed", **ASSEMBLE_MIXED),
+    _assemble_app(
+        "assemble_required_timeout",
+        components=[
+            {"application": "jpeg_compressibility", "center": -1.0, "scale": 0.5},
+            {"application": "caption", "timeout_s": 0.001},
+        ],
+    ),
+    _assemble_app(
+        "assemble_ranks",
+        combine="rank_fusion",
+        fusion="borda",
+        components=[{"application": "jpeg_compressibility", "weight": 2.0}, {"application": "jpeg_limited"}],
+    ),
+]
+
+
 def test_serve_config() -> dict:
     """The local profile plus two test applications of the same reward: tight limits, and backpressure."""
     config = load_serve_config(LOCAL_PROFILE, grpc_port=free_port(), http_port=free_port())
@@ -43,7 +80,11 @@ def test_serve_config() -> dict:
     backpressure["deployments"] = [
         {"name": "reward", "max_ongoing_requests": 1, "max_queued_requests": 1, "ray_actor_options": {"num_cpus": 0.5}}
     ]
-    config["applications"] += [limited, backpressure]
+    config["applications"] += [limited, backpressure, *ASSEMBLE_TEST_APPS]
+    for app in config["applications"]:
+        if app["import_path"] == "services.assemble:build_app":  # it only waits on the others
+            for dep in app["deployments"]:
+                dep["ray_actor_options"]["num_cpus"] = 0.1
     return config
 
 
