@@ -5,6 +5,7 @@ rewardfleet serve --config deploy/cluster.yaml --address auto
 rewardfleet score images/ --prompt "two green dogs in the city"
 rewardfleet score pairs.jsonl --app jpeg_compressibility --output json
 rewardfleet describe --app jpeg_compressibility
+rewardfleet status                     # applications, replicas and health of the fleet on this machine's cluster
 rewardfleet rewards
 rewardfleet train --with-fleet deploy/local.yaml       # fine-tune the tiny pipeline against a local fleet
 rewardfleet train --config trainer/configs/cluster.yaml --address auto
@@ -195,6 +196,109 @@ def describe(
     typer.echo(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
 
 
+def fleet_status(target: str | None, token: str | None, timeout_s: float) -> list[dict]:
+    """One row per Serve application of the connected cluster: Serve's status and replica counts, and a Describe
+    round trip over gRPC (the replica answered, through the proxy) with the provenance it reports."""
+    from google.protobuf.json_format import MessageToDict
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
+
+    from services.client import RewardClient, RewardServiceError
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        raise RuntimeError("Ray Serve is not running on this cluster (start the fleet with `rewardfleet serve`)")
+    details = ServeInstanceDetails(**client.get_serve_details())
+    if target is None:
+        target = f"127.0.0.1:{details.grpc_options.port}"
+    rows = []
+    for name, application in sorted(details.applications.items()):
+        deployments = [
+            {
+                "name": d.name,
+                "status": d.status.value,
+                "running": sum(r.state.value == "RUNNING" for r in d.replicas),
+                "target": d.target_num_replicas,
+            }
+            for d in application.deployments.values()
+        ]
+        row = {"application": name, "status": application.status.value, "message": application.message}
+        row["deployments"] = deployments
+        try:
+            with RewardClient(target, name, token=token, timeout_s=timeout_s, max_retries=0) as reward_client:
+                info = reward_client.describe()
+            row["health"] = "ok"
+            row["provenance"] = MessageToDict(info.provenance, preserving_proto_field_name=True)
+        except RewardServiceError as e:
+            row["health"] = f"{e.code.name if e.code else 'PROTOCOL'}: {e.details}"
+        rows.append(row)
+    return rows
+
+
+def format_status(rows: list[dict]) -> str:
+    header = ("application", "status", "replicas", "health", "fingerprint")
+    lines = []
+    for r in rows:
+        replicas = ", ".join(f"{d['name']} {d['running']}/{d['target']}" for d in r["deployments"])
+        fingerprint = r.get("provenance", {}).get("fingerprint", "")[:12]
+        lines.append((r["application"], r["status"], replicas, r["health"], fingerprint))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    return "\n".join(
+        "  ".join(f"{c:<{w}}" for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *lines]
+    )
+
+
+@app.command()
+def status(
+    address: Annotated[str, typer.Option(help="Ray cluster to ask ('auto': the one on this machine).")] = "auto",
+    target: Annotated[
+        str | None, typer.Option(help="host:port of the gRPC proxy (default: 127.0.0.1 and Serve's gRPC port).")
+    ] = None,
+    token_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the token of applications that require one.")
+    ] = None,
+    output: Annotated[str, typer.Option(help="table or json.")] = "table",
+    timeout_s: Annotated[float, typer.Option(help="Seconds to wait for each application's Describe.")] = 10.0,
+) -> None:
+    """List the fleet's applications: Serve status, replicas (running/target per deployment) and a Describe round
+    trip over gRPC. Exits with 1 when an application is not RUNNING or does not answer."""
+    import os
+
+    import ray
+
+    if output not in ("table", "json"):
+        raise typer.BadParameter("--output must be table or json")
+    token = None
+    if token_env is not None:
+        token = os.environ.get(token_env)
+        if not token:
+            raise typer.BadParameter(f"environment variable {token_env} is unset or empty")
+    connected_here = not ray.is_initialized()
+    try:
+        if connected_here:
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except ConnectionError as e:
+                typer.echo(f"error: no Ray cluster at {address!r} ({e})", err=True)
+                raise typer.Exit(1) from None
+        try:
+            rows = fleet_status(target, token, timeout_s)
+        except RuntimeError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+    finally:
+        if connected_here and ray.is_initialized():
+            ray.shutdown()  # disconnects this driver; the cluster keeps running
+    typer.echo(json.dumps(rows, indent=2) if output == "json" else format_status(rows))
+    if not rows:
+        typer.echo("no Serve applications are deployed", err=True)
+        raise typer.Exit(1)
+    unhealthy = [r["application"] for r in rows if r["status"] != "RUNNING" or r["health"] != "ok"]
+    if unhealthy:
+        typer.echo(f"not healthy: {', '.join(unhealthy)}", err=True)
+        raise typer.Exit(1)
+
+
 @app.command("train-reward")
 def train_reward_cmd(
     config: Annotated[Path | None, typer.Option(help="YAML of RewardTrainingConfig fields.")] = None,
@@ -247,6 +351,7 @@ def train(
         Path | None,
         typer.Option(help="Start the rewards the job uses from this Serve config first; stop them after."),
     ] = None,
+    verbose: Annotated[bool, typer.Option(help="Stream Ray worker and replica logs to the console.")] = False,
 ) -> None:
     """Fine-tune a text-to-image model with the fleet's rewards (Ray Train: sample, score, select, train)."""
     import ray
@@ -259,8 +364,13 @@ def train(
     except (ValueError, TypeError) as e:
         raise typer.BadParameter(str(e)) from None
     if not ray.is_initialized():
-        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False)
+        # Worker and replica logs stay in Ray's session log folder unless asked for; the driver prints each round.
+        ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose)
     fleet = None
+    rewards = list(cfg.rewards.weights)
+    def on_round(row: dict) -> None:
+        typer.echo(format_rounds([row], rewards).splitlines()[1])
+
     try:
         if with_fleet is not None:
             from deploy.fleet import load_serve_config, start_fleet
@@ -273,14 +383,13 @@ def train(
                 raise typer.BadParameter(f"{with_fleet} has no application(s) {missing}")
             fleet = start_fleet({**serve_config, "applications": apps})
             typer.echo(f"fleet up on {fleet.grpc_target}: {', '.join(fleet.applications)}")
-        result = run_finetune(cfg)
+        typer.echo(format_rounds([], rewards))  # the header; a line per round follows as the job writes it
+        result = run_finetune(cfg, on_round=on_round)
     finally:
         if fleet is not None:
             from deploy.fleet import stop_fleet
 
             stop_fleet(shutdown_ray=False)
-    rewards = list(cfg.rewards.weights)
-    typer.echo(format_rounds(result.rows, rewards))
     summary = improvement_summary(result.rows, cfg.rewards.primary)
     typer.echo(
         f"{cfg.rewards.primary}: held-out mean {summary['base_mean']:.5g} (base, SE {summary['base_se']:.2g}) -> "

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -549,8 +550,25 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def run_finetune(config: FinetuneConfig) -> FinetuneRun:
+def _watch_metrics(path: Path, on_round, stop) -> None:
+    """Calls `on_round(row)` for each row appended to metrics.jsonl until `stop` is set (polling; rank 0 writes it).
+
+    A resumed run rewrites the file from its checkpoint first, so rows are tracked by round number."""
+    seen: set[int] = set()
+    while True:
+        done = stop.wait(1.0)
+        for row in read_metrics(path.parent):
+            if row["round"] not in seen:
+                seen.add(row["round"])
+                on_round(row)
+        if done:
+            return
+
+
+def run_finetune(config: FinetuneConfig, on_round=None) -> FinetuneRun:
     """Runs the job on the connected Ray cluster (`ray.init` first) and returns its outputs.
+
+    `on_round(row)`, if given, is called on the driver with each round's metrics row as the job writes it.
 
     Raises:
         trainer.scoring.RewardRoundError: a reward application is not reachable (checked before starting workers).
@@ -588,7 +606,19 @@ def run_finetune(config: FinetuneConfig) -> FinetuneRun:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
         ),
     )
-    result = trainer.fit()
+    stop = threading.Event()
+    watcher = None
+    if on_round is not None:
+        watcher = threading.Thread(
+            target=_watch_metrics, args=(output_dir / "metrics.jsonl", on_round, stop), daemon=True
+        )
+        watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
     rows = read_metrics(output_dir)
     if rows:
         plot_reward_curve(rows, list(config.rewards.weights), output_dir / "reward_curve.png")

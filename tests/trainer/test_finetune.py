@@ -59,8 +59,10 @@ def test_two_rounds_then_resume_from_the_checkpoint(fleet, tmp_path):
     from trainer.sampling import SamplingConfig, load_pipeline, sample_images, set_scheduler
 
     config = tiny_job(fleet, tmp_path, "raft")
-    result = run_finetune(config)
+    seen = []
+    result = run_finetune(config, on_round=seen.append)
     rows = read_metrics(result.output_dir)
+    assert seen == rows  # the driver saw every round as it was written
     check_rows(rows, 2, ["jpeg_compressibility"])
     assert rows == result.rows
     out = result.output_dir
