@@ -368,6 +368,7 @@ def train(
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=verbose)
     fleet = None
     rewards = list(cfg.rewards.weights)
+
     def on_round(row: dict) -> None:
         typer.echo(format_rounds([row], rewards).splitlines()[1])
 

@@ -56,6 +56,9 @@ def wait_until_ready(target: str, applications: list[str] | tuple[str, ...], tim
                     stub.Describe(reward_pb2.DescribeRequest(), metadata=(("application", app),), timeout=10)
                     pending.remove(app)
                 except grpc.RpcError as e:
+                    if e.code() == grpc.StatusCode.UNAUTHENTICATED:  # it answers; it wants a token we do not hold
+                        pending.remove(app)
+                        continue
                     last_error[app] = f"{e.code().name}: {e.details()}"
             if pending:
                 if time.monotonic() > deadline:

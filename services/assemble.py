@@ -42,6 +42,13 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from protos.reward.v1 import reward_pb2
 from services.codec import DEFAULT_MAX_IMAGE_PIXELS
+from services.serving import (
+    RewardMetrics,
+    admission_problem,
+    build_provenance,
+    load_auth_token,
+    request_limit_problem,
+)
 from trainer.selection import fuse
 
 NAME = "assemble"
@@ -88,6 +95,10 @@ class AssembleAppArgs(BaseModel):
     max_samples_per_request: int = Field(default=256, ge=1)
     max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    # Name of an environment variable holding a shared token: gRPC calls must then send the metadata
+    # "authorization: Bearer <token>" (UNAUTHENTICATED otherwise). None = no check. The components are called
+    # through DeploymentHandles inside the cluster, so their own token checks do not apply to those calls.
+    auth_token_env: str | None = None
 
     @model_validator(mode="after")
     def _distinct(self):
@@ -171,6 +182,7 @@ class AssembleDeployment:
 
     def __init__(self, args: AssembleAppArgs | dict[str, Any]):
         self.args = AssembleAppArgs.model_validate(args)
+        self._token = load_auth_token(self.args.auth_token_env)
         self.components = {c.application: c for c in self.args.components}
         self.stats = {name: RunningStats() for name in self.components}
         self._handles: dict[str, Any] = {}
@@ -178,6 +190,10 @@ class AssembleDeployment:
             self.app_name = serve.get_replica_context().app_name
         except Exception:  # outside a Serve replica
             self.app_name = NAME
+        # Its own provenance covers the combining config; each response also carries every component's.
+        config = self.args.model_dump(exclude={"auth_token_env"})
+        self.provenance = build_provenance(NAME, self.app_name, config, models=[])
+        self.metrics = RewardMetrics(NAME)
 
     def _handle(self, application: str):
         # Resolved on first use: the component applications may be deployed after this one.
@@ -190,7 +206,7 @@ class AssembleDeployment:
     async def Score(
         self, request: reward_pb2.ScoreRequest | bytes, grpc_context: RayServegRPCContext | None = None
     ) -> reward_pb2.ScoreResponse:
-        if not self._addressed_to_me(grpc_context):
+        if not self._admitted(grpc_context):
             return reward_pb2.ScoreResponse()
         raw = request if isinstance(request, bytes) else request.SerializeToString()
         problem = None
@@ -200,10 +216,8 @@ class AssembleDeployment:
             problem = f"request is not a valid reward.v1.ScoreRequest message ({e})"
         problem = problem or self.request_problem(request)
         if problem is not None:
-            if grpc_context is not None:
-                grpc_context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
-                grpc_context.set_details(problem)
-            return reward_pb2.ScoreResponse(reward_name=NAME)
+            self._reject(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, problem)
+            return reward_pb2.ScoreResponse(reward_name=NAME, provenance=self.provenance)
 
         # 1. Every component scores the whole request, concurrently, each under its own timeout.
         names = list(self.components)
@@ -211,7 +225,7 @@ class AssembleDeployment:
         n = len(request.samples)
         scores = {name: np.full(n, np.nan) for name in names}
         errors: list[list[reward_pb2.ComponentError]] = [[] for _ in range(n)]
-        response = reward_pb2.ScoreResponse(reward_name=NAME)
+        response = reward_pb2.ScoreResponse(reward_name=NAME, provenance=self.provenance)
         for name, answer in zip(names, answers, strict=True):
             component = self.components[name]
             if isinstance(answer, str):  # the whole call failed
@@ -262,12 +276,13 @@ class AssembleDeployment:
             else:
                 result.reward = float(combined[i])
             response.results.append(result)
+        self.metrics.record_results(response.results)
         return response
 
     async def Describe(
         self, request: reward_pb2.DescribeRequest, grpc_context: RayServegRPCContext | None = None
     ) -> reward_pb2.DescribeResponse:
-        if not self._addressed_to_me(grpc_context):
+        if not self._admitted(grpc_context):
             return reward_pb2.DescribeResponse()
         args = self.args
         parts = ", ".join(
@@ -289,6 +304,7 @@ class AssembleDeployment:
             max_request_bytes=args.max_request_bytes,
             max_image_pixels=args.max_image_pixels,
             config_json=json.dumps(args.model_dump(), sort_keys=True),
+            provenance=self.provenance,
         )
 
     # --- helpers ------------------------------------------------------------------------------------------------
@@ -328,29 +344,25 @@ class AssembleDeployment:
             message=message,
         )
 
-    def _addressed_to_me(self, grpc_context: RayServegRPCContext | None) -> bool:
+    def _admitted(self, grpc_context: RayServegRPCContext | None) -> bool:
+        """False, with the status set, when a gRPC call lacks the token or names another application."""
         if grpc_context is None:
             return True
-        asked = dict(grpc_context.invocation_metadata()).get("application")
-        if asked is None or asked == self.app_name:
-            return True
-        grpc_context.set_code(grpc.StatusCode.NOT_FOUND)
-        grpc_context.set_details(f"Application {asked!r} not found; this port serves {self.app_name!r}.")
-        return False
+        problem = admission_problem(grpc_context.invocation_metadata(), self._token, self.app_name)
+        if problem is not None:
+            self._reject(grpc_context, *problem)
+        return problem is None
+
+    def _reject(self, grpc_context: RayServegRPCContext | None, code: grpc.StatusCode, details: str) -> None:
+        self.metrics.request_rejections.inc(tags={"status_code": code.name})
+        if grpc_context is not None:
+            grpc_context.set_code(code)
+            grpc_context.set_details(details)
 
     def request_problem(self, request: reward_pb2.ScoreRequest) -> str | None:
         """What makes the request as a whole invalid, or None (checked before any component is called)."""
-        n, args = len(request.samples), self.args
-        if n == 0:
-            return "ScoreRequest has no samples"
-        if n > args.max_samples_per_request:
-            return f"ScoreRequest has {n} samples, more than the limit of {args.max_samples_per_request} per request"
-        payload = sum(s.ByteSize() for s in request.samples)
-        if payload > args.max_request_bytes:
-            return f"ScoreRequest carries {payload} bytes of samples, more than the limit of {args.max_request_bytes}"
-        if request.options:
-            return f"unknown option(s) {sorted(request.options)}; assemble accepts none"
-        return None
+        args = self.args
+        return request_limit_problem(request, args.max_samples_per_request, args.max_request_bytes, set(), NAME)
 
 
 def build_app(args: AssembleAppArgs) -> serve.Application:

@@ -7,8 +7,9 @@
   split along its first axis), PIL images, or already-encoded PNG/JPEG/WebP bytes. Arrays travel raw by default: no
   codec on the hot path.
 - Big batches are split into requests under the server's limits (learnt once from `Describe`), several requests
-  are kept in flight, and calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED are retried with exponential
-  backoff.
+  are kept in flight, and calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED, or INTERNAL because the replica
+  died under the request, are retried with exponential backoff.
+- `token=` sends `authorization: Bearer <token>` for applications that require one (`auth_token_env`).
 - Results come back one per sample, in input order: scored, or with the sample's error. A sample too large to send
   at all gets a NOT_SENT error. A call that still fails after its retries raises `RewardServiceError`: the caller
   never sees a silent zero.
@@ -52,6 +53,17 @@ def _varint(n: int) -> bytes:
 
 # Status codes worth retrying: the server is restarting, overloaded, or a replica is gone.
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+# Serve's proxy answers INTERNAL with Ray's ActorDiedError / ActorUnavailableError text when the replica running a
+# request dies under it (killed, OOM, node lost). Scoring has no side effects, so those are retried too: Serve
+# routes the retry to a live replica.
+_REPLICA_LOST = ("The actor died unexpectedly", "The task may or may not have been executed on the actor")
+
+
+def is_retryable(code: grpc.StatusCode | None, details: str | None) -> bool:
+    """Whether a failed call may succeed if sent again (see RETRYABLE_CODES and _REPLICA_LOST)."""
+    if code in RETRYABLE_CODES:
+        return True
+    return code == grpc.StatusCode.INTERNAL and any(marker in (details or "") for marker in _REPLICA_LOST)
 
 
 class RewardServiceError(RuntimeError):
@@ -144,6 +156,7 @@ class RewardClient:
         max_backoff_s: float = 5.0,
         image_format: str = "raw",
         metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
         discover_limits: bool = True,
     ):
         if max_samples_per_request < 1 or max_in_flight < 1 or max_request_bytes < 1:
@@ -163,7 +176,9 @@ class RewardClient:
         # Ask the server (Describe, once) for its limits and stay under them as well as under ours.
         self.discover_limits = discover_limits
         self._server_limits: tuple[int, int] | None = None
-        self.metadata = (("application", application), *tuple(metadata))
+        # The fleet's shared token, for applications served with `auth_token_env`.
+        auth = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata = (("application", application), *auth, *tuple(metadata))
         self.stats = ClientStats()
         self._options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
         self._lock = threading.Lock()
@@ -285,7 +300,7 @@ class RewardClient:
             try:
                 return stub[method](request, timeout=self.timeout_s, metadata=self.metadata)
             except grpc.RpcError as e:
-                if e.code() not in RETRYABLE_CODES or attempt == self.max_retries:
+                if not is_retryable(e.code(), e.details()) or attempt == self.max_retries:
                     raise RewardServiceError(self.application, e.code(), e.details() or "") from None
                 self.stats.retries += 1
                 time.sleep(self._backoff(attempt))
@@ -325,7 +340,7 @@ class RewardClient:
             try:
                 return await stub[method](request, timeout=self.timeout_s, metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE_CODES or attempt == self.max_retries:
+                if not is_retryable(e.code(), e.details()) or attempt == self.max_retries:
                     raise RewardServiceError(self.application, e.code(), e.details() or "") from None
                 self.stats.retries += 1
                 await asyncio.sleep(self._backoff(attempt))

@@ -53,10 +53,16 @@ class SampleFailure:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """A model a reward loads: its role and where the weights come from (hub id or local path)."""
+    """A model a reward loads: its role and where the weights come from (hub id or local path).
 
+    `Describe` lists them, and the replica's provenance covers them (`services.serving.build_provenance`).
+    """
+
+    # Role of the model in the reward, e.g. "captioner".
     role: str
+    # Hub id, local file or directory ("~" allowed), or "" for none.
     source: str
+    # Hub revision (branch, tag or commit) or another version label; "" when unknown.
     revision: str = ""
 
 

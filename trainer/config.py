@@ -81,6 +81,9 @@ class RewardsConfig:
     max_retries: int = 6
     # Image transport: raw pixels (no codec on the trainer's hot path) or png/jpeg/webp.
     image_format: str = "raw"
+    # Name of an environment variable holding the fleet's shared token (applications with auth_token_env); None =
+    # send none. Every worker needs the variable (e.g. from a Kubernetes Secret).
+    token_env: str | None = None
 
     def __post_init__(self):
         if not self.weights:

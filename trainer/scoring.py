@@ -11,6 +11,7 @@ A reward call that still fails after the client's retries, and any per-sample er
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -27,6 +28,13 @@ class RewardRoundError(RuntimeError):
 class BackgroundScorer:
     def __init__(self, config: RewardsConfig):
         self.config = config
+        token = None
+        if config.token_env is not None:
+            token = os.environ.get(config.token_env, "").strip()
+            if not token:
+                raise RewardRoundError(
+                    f"rewards.token_env is {config.token_env!r} but that variable is unset or empty"
+                )
         self.clients = {
             name: RewardClient(
                 config.target,
@@ -36,6 +44,7 @@ class BackgroundScorer:
                 timeout_s=config.timeout_s,
                 max_retries=config.max_retries,
                 image_format=config.image_format,
+                token=token,
             )
             for name in config.weights
         }

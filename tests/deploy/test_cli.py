@@ -104,3 +104,32 @@ def test_serve_command_serves_until_ctrl_c_then_shuts_down(tmp_path, example_ima
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.integration
+def test_status_lists_every_application_with_replicas_and_a_describe_round_trip(fleet):
+    result = runner.invoke(app, ["status", "--output", "json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["application"]: r for r in json.loads(result.stdout)}
+    assert set(fleet.applications) <= set(rows)
+    jpeg = rows["jpeg_limited"]
+    assert jpeg["status"] == "RUNNING" and jpeg["health"] == "ok"
+    assert jpeg["deployments"] == [{"name": "reward", "status": "HEALTHY", "running": 1, "target": 1}]
+    assert jpeg["provenance"]["application"] == "jpeg_limited"
+    assert jpeg["provenance"]["reward_name"] == "jpeg_compressibility"
+
+    table = runner.invoke(app, ["status"])
+    assert table.exit_code == 0, table.output
+    line = next(x for x in table.stdout.splitlines() if x.startswith("jpeg_limited "))
+    assert line.split()[:5] == ["jpeg_limited", "RUNNING", "reward", "1/1", "ok"]
+    assert jpeg["provenance"]["fingerprint"][:12] in line
+
+
+@pytest.mark.integration
+def test_status_fails_when_the_grpc_proxy_does_not_answer(fleet):
+    # Serve reports the applications RUNNING, but nothing listens on this port: the round trip is what fails.
+    result = runner.invoke(app, ["status", "--target", f"127.0.0.1:{free_port()}", "--timeout-s", "5"])
+    assert result.exit_code == 1
+    line = next(x for x in result.stdout.splitlines() if x.startswith("jpeg_compressibility "))
+    assert "UNAVAILABLE" in line
+    assert "not healthy: " in result.stderr

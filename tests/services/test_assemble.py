@@ -92,6 +92,9 @@ def test_an_optional_timeout_is_reported_and_a_required_failure_fails_the_sample
         stub = c._sync()[0]
         response = stub["Score"](request.SerializeToString(), timeout=60, metadata=c.metadata)
     small_result, big_result = response.results
+    # Provenance: its own, and each component's that answered (caption timed out).
+    assert response.provenance.reward_name == "assemble" and len(response.provenance.fingerprint) == 64
+    assert set(response.component_provenance) == {"jpeg_compressibility", "jpeg_limited"}
     # ... and is reported on every sample, which is still scored.
     assert np.isfinite(small_result.reward)
     [caption] = [e for e in small_result.component_errors if e.component == "caption"]
