@@ -157,6 +157,7 @@ class RewardClient:
         image_format: str = "raw",
         metadata: Sequence[tuple[str, str]] = (),
         token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
         discover_limits: bool = True,
     ):
         if max_samples_per_request < 1 or max_in_flight < 1 or max_request_bytes < 1:
@@ -176,6 +177,8 @@ class RewardClient:
         # Ask the server (Describe, once) for its limits and stay under them as well as under ours.
         self.discover_limits = discover_limits
         self._server_limits: tuple[int, int] | None = None
+        # TLS (e.g. grpc.ssl_channel_credentials()) when the fleet is behind a TLS-terminating proxy; None: plaintext.
+        self.credentials = credentials
         # The fleet's shared token, for applications served with `auth_token_env`.
         auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.metadata = (("application", application), *auth, *tuple(metadata))
@@ -288,7 +291,11 @@ class RewardClient:
     def _sync(self) -> tuple[dict[str, Any], ThreadPoolExecutor]:
         with self._lock:
             if self._stub is None:
-                self._channel = grpc.insecure_channel(self.target, options=self._options)
+                self._channel = (
+                    grpc.secure_channel(self.target, self.credentials, options=self._options)
+                    if self.credentials is not None
+                    else grpc.insecure_channel(self.target, options=self._options)
+                )
                 self._stub = self._methods(self._channel)
                 self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="reward-client")
             return self._stub, self._pool
@@ -329,7 +336,11 @@ class RewardClient:
         loop = asyncio.get_running_loop()
         entry = self._aio.get(id(loop))
         if entry is None or entry[0] is not loop:  # ids of dead loops get reused
-            channel = grpc.aio.insecure_channel(self.target, options=self._options)
+            channel = (
+                grpc.aio.secure_channel(self.target, self.credentials, options=self._options)
+                if self.credentials is not None
+                else grpc.aio.insecure_channel(self.target, options=self._options)
+            )
             entry = self._aio[id(loop)] = (loop, channel, self._methods(channel))
         return entry[2]
 
