@@ -50,6 +50,9 @@ def decode_encoded(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> n
         raise ImageError("INVALID_IMAGE", "image bytes are empty")
     try:
         img = Image.open(io.BytesIO(data), formats=ENCODED_FORMATS)
+    except Image.DecompressionBombError as e:
+        # PIL refuses headers over twice its own MAX_IMAGE_PIXELS before we see the size: too large all the same.
+        raise ImageError("IMAGE_TOO_LARGE", f"image has more pixels than the limit {max_pixels} ({e})") from None
     except Exception as e:  # PIL raises several types for unidentifiable data
         raise ImageError("INVALID_IMAGE", f"not a decodable PNG, JPEG or WebP image ({type(e).__name__})") from None
     width, height = img.size
