@@ -43,8 +43,8 @@ from ray.serve.grpc_util import RayServegRPCContext
 from protos.reward.v1 import reward_pb2
 from services.codec import DEFAULT_MAX_IMAGE_PIXELS
 from services.serving import (
+    GrpcGate,
     RewardMetrics,
-    admission_problem,
     build_provenance,
     load_auth_token,
     request_limit_problem,
@@ -177,7 +177,7 @@ def combine_rank_fusion(
 
 
 @serve.deployment(name="assemble", ray_actor_options={"num_cpus": 0.5})
-class AssembleDeployment:
+class AssembleDeployment(GrpcGate):
     """Combines several reward applications behind one `reward.v1.RewardService`."""
 
     def __init__(self, args: AssembleAppArgs | dict[str, Any]):
@@ -343,21 +343,6 @@ class AssembleDeployment:
             code=reward_pb2.ErrorCode.Value(code),
             message=message,
         )
-
-    def _admitted(self, grpc_context: RayServegRPCContext | None) -> bool:
-        """False, with the status set, when a gRPC call lacks the token or names another application."""
-        if grpc_context is None:
-            return True
-        problem = admission_problem(grpc_context.invocation_metadata(), self._token, self.app_name)
-        if problem is not None:
-            self._reject(grpc_context, *problem)
-        return problem is None
-
-    def _reject(self, grpc_context: RayServegRPCContext | None, code: grpc.StatusCode, details: str) -> None:
-        self.metrics.request_rejections.inc(tags={"status_code": code.name})
-        if grpc_context is not None:
-            grpc_context.set_code(code)
-            grpc_context.set_details(details)
 
     def request_problem(self, request: reward_pb2.ScoreRequest) -> str | None:
         """What makes the request as a whole invalid, or None (checked before any component is called)."""

@@ -331,8 +331,34 @@ def _output_result(sample_id: str, out: RewardOutput) -> reward_pb2.SampleResult
     return result
 
 
+class GrpcGate:
+    """Admission of gRPC calls, shared by the application classes (reward and assemble).
+
+    Needs `self._token` (bytes or None), `self.app_name` and `self.metrics` (RewardMetrics).
+    """
+
+    def _admitted(self, grpc_context: RayServegRPCContext | None) -> bool:
+        """False, with the status set, when a gRPC call lacks the token or names another application.
+
+        Calls without a gRPC context come through DeploymentHandles from inside the Ray cluster (another
+        application, in-process tests): the cluster boundary is their guard, so they are not checked.
+        """
+        if grpc_context is None:
+            return True
+        problem = admission_problem(grpc_context.invocation_metadata(), self._token, self.app_name)
+        if problem is not None:
+            self._reject(grpc_context, *problem)
+        return problem is None
+
+    def _reject(self, grpc_context: RayServegRPCContext | None, code: grpc.StatusCode, details: str) -> None:
+        self.metrics.request_rejections.inc(tags={"status_code": code.name})
+        if grpc_context is not None:
+            grpc_context.set_code(code)
+            grpc_context.set_details(details)
+
+
 @serve.deployment(name="reward", ray_actor_options={"num_cpus": 1})
-class RewardDeployment:
+class RewardDeployment(GrpcGate):
     """Serves one registered reward; RPC methods are named after the RPCs of `reward.v1.RewardService`."""
 
     def __init__(self, args: RewardAppArgs | dict[str, Any]):
@@ -426,25 +452,6 @@ class RewardDeployment:
         )
 
     # --- helpers ------------------------------------------------------------------------------------------------
-
-    def _admitted(self, grpc_context: RayServegRPCContext | None) -> bool:
-        """False, with the status set, when a gRPC call lacks the token or names another application.
-
-        Calls without a gRPC context come through DeploymentHandles from inside the Ray cluster (another
-        application, in-process tests): the cluster boundary is their guard, so they are not checked.
-        """
-        if grpc_context is None:
-            return True
-        problem = admission_problem(grpc_context.invocation_metadata(), self._token, self.app_name)
-        if problem is not None:
-            self._reject(grpc_context, *problem)
-        return problem is None
-
-    def _reject(self, grpc_context: RayServegRPCContext | None, code: grpc.StatusCode, details: str) -> None:
-        self.metrics.request_rejections.inc(tags={"status_code": code.name})
-        if grpc_context is not None:
-            grpc_context.set_code(code)
-            grpc_context.set_details(details)
 
     def request_problem(self, request: reward_pb2.ScoreRequest) -> str | None:
         """What makes the request as a whole invalid, or None. Checked before any image is decoded."""
