@@ -9,9 +9,11 @@ The second term is the paper's prompt-classification augmentation. For each posi
 attributes, z_0 is the true prompt and z_1..z_{N-1} are prompts that change one attribute (count, color or
 background). CLIP is frozen: its embeddings are computed once, and only the head trains.
 
-Evaluation is on held-out feedback whose prompts never appear in training. It reports accuracy and AUC of the
-learned reward against the CLIP-score baseline (cosine of the same CLIP's embeddings), each with its decision
-threshold chosen on the training feedback. The ROC curves are written to a PNG.
+Prompts are split three ways: training prompts fit the head, validation prompts (a fraction of the training ones)
+pick the epoch count by early stopping, after which the head is refit on all training prompts for that many epochs,
+and held-out prompts serve only the final evaluation. It reports accuracy and AUC of the learned reward against the
+CLIP-score baseline (cosine of the same CLIP's embeddings). CLIP score's decision threshold is the best one on the
+training feedback; the learned reward, a predicted probability, decides at 0.5. The ROC curves are written to a PNG.
 """
 
 from __future__ import annotations
@@ -25,8 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from services.config import resolve_model_source
-from services.rewards.alignment import HeadConfig, build_head, clip_embeddings, head_logits, save_alignment_model
+from services.config import resolve_model_source, to_dict
+from services.rewards.alignment import (
+    HeadConfig,
+    build_head,
+    clip_embeddings,
+    head_logits,
+    save_alignment_model,
+    set_cosine_affine,
+)
 from trainer.feedback import FeedbackSample, load_feedback, load_images
 
 
@@ -34,32 +43,47 @@ from trainer.feedback import FeedbackSample, load_feedback, load_images
 class RewardTrainingConfig:
     # Where the trained reward directory (alignment_reward.json, head.safetensors, metrics, ROC plot) goes.
     out_dir: str = "runs/alignment_reward"
-    # Build the synthetic feedback testbed here (once) and train on it; None = use feedback/val_feedback/clip.
+    # Build the synthetic feedback testbed here (once) and train on it; None = use feedback/heldout_feedback/clip.
     testbed: str | None = "runs/testbed"
     # Training feedback JSONL (when testbed is None).
     feedback: str | None = None
-    # Held-out feedback JSONL; None = hold out val_fraction of the training prompts (split by prompt).
-    val_feedback: str | None = None
+    # Held-out feedback JSONL, used only for the final evaluation; None = hold out heldout_fraction of the training
+    # feedback's prompts instead (split by prompt).
+    heldout_feedback: str | None = None
+    heldout_fraction: float = 0.2
+    # Fraction of the training prompts held out as validation for early stopping (split by prompt, so validation
+    # prompts are unseen, as held-out ones will be). The held-out feedback never steers training.
     val_fraction: float = 0.2
+    # After early stopping picked the epoch count, train again from scratch on all training feedback (validation
+    # prompts included) for that many epochs. On the testbed the validation split is a fifth of the prompts.
+    refit: bool = True
     # The frozen CLIP (when testbed is None): hub id or local directory.
     clip: str = "openai/clip-vit-large-patch14"
     device: str = "cpu"
-    # MLP head: hidden widths and dropout.
+    # MLP head: hidden widths and dropout (0.3 rather than 0.1: on the testbed, equal or up to 1 point better).
     hidden_sizes: tuple[int, ...] = (128, 32)
-    dropout: float = 0.1
+    dropout: float = 0.3
+    # Residual head (HeadConfig.residual): the MLP corrects the CLIP-score classifier it starts from, fitted to the
+    # training feedback. On the testbed (seed 0) it scores 2-4 accuracy points above a plain MLP head.
+    residual: bool = True
     # AdamW.
     lr: float = 1e-3
     weight_decay: float = 1e-4
     batch_size: int = 64
-    # At most this many epochs; stop after `patience` epochs without a better held-out loss.
-    epochs: int = 100
-    patience: int = 15
+    # At most this many epochs; stop after `patience` epochs without a better validation score.
+    epochs: int = 200
+    patience: int = 40
+    # What early stopping watches on the validation prompts: "auc" or "mse" (the loss's first term). AUC rather than
+    # MSE: on the testbed (seed 0) the validation MSE rises for 40 epochs while the head learns the number words, and
+    # stopping on it kept epoch 1 (held-out accuracy 0.735); the validation AUC climbs steadily and chose 140 (0.820).
+    early_stopping: str = "auc"
     # lambda: weight of the prompt-classification loss (0 = plain MSE, no augmentation).
     lambda_cls: float = 0.5
     # N: prompts per classification (the true one + N - 1 perturbations).
     num_prompts: int = 4
-    # T: temperature of the classification logits r(x, z_j) / T (r is in [0, 1], so T < 1 sharpens).
-    temperature: float = 0.1
+    # T: temperature of the classification logits r(x, z_j) / T (r is in [0, 1], so T < 1 sharpens). 0.5 rather
+    # than 0.1: with 0.1 the residual head lost about 4 accuracy points on the testbed; 0.25 to 1 score alike.
+    temperature: float = 0.5
     seed: int = 0
 
     def __post_init__(self):
@@ -71,6 +95,11 @@ class RewardTrainingConfig:
             )
         if self.temperature <= 0 or self.lambda_cls < 0:
             raise ValueError("temperature must be > 0 and lambda_cls >= 0")
+        if self.early_stopping not in ("mse", "auc"):
+            raise ValueError(f"early_stopping must be 'mse' or 'auc', got {self.early_stopping!r}")
+        for name in ("val_fraction", "heldout_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
 
 
 def alignment_loss(head, image_emb, text_emb, labels, aug_text_emb=None, lambda_cls: float = 0.0, temperature=1.0):
@@ -124,6 +153,30 @@ def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:
     return float(np.mean((scores >= threshold) == (labels == 1)))
+
+
+def fit_cosine_affine(cosine, labels, steps: int = 100) -> tuple[float, float]:
+    """(scale, bias) minimising MSE(sigmoid(scale * cosine + bias), labels): the CLIP-score classifier, fitted.
+
+    cosine, labels: (N,) tensors. A residual head starts from it, so training begins at the baseline's accuracy.
+    """
+    import torch
+
+    # Fitted on the standardised cosine (CLIP cosines span a narrow range), then mapped back.
+    mean, std = cosine.mean(), cosine.std().clamp_min(1e-6)
+    z = (cosine - mean) / std
+    params = torch.tensor([1.0, 0.0], requires_grad=True)  # (scale, bias) on z
+    optimizer = torch.optim.LBFGS([params], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.mean((torch.sigmoid(params[0] * z + params[1]) - labels.float()) ** 2)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    scale, bias = params.detach()
+    return float(scale / std), float(bias - scale * mean / std)
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -182,117 +235,171 @@ def train_reward(config: RewardTrainingConfig, progress: bool = True) -> dict[st
         torch.set_num_threads(threads)
 
 
-def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any]:
+def _labels(samples: list[FeedbackSample]):
+    import torch
+
+    return torch.tensor([s.label for s in samples], dtype=torch.float32)  # (N,)
+
+
+def _fit(config: RewardTrainingConfig, samples, data, val_data, epochs: int, texts: _TextCache, progress: bool):
+    """Trains a fresh head on (samples, data = (image, text, label)) for up to `epochs` epochs.
+
+    With val_data, stops after `patience` epochs without a better validation MSE and returns the best epoch's
+    weights; without, runs all `epochs`. Returns (head, head_config, history: one dict per epoch).
+    """
     import torch
     from tqdm import tqdm
-    from transformers import CLIPModel, CLIPProcessor
 
     from trainer.testbed import perturb, render_prompt
 
-    started = time.perf_counter()
-    out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    # 1. Data and the frozen CLIP.
-    if config.testbed is not None:
-        paths = build_testbed_once(config.testbed, config.seed)
-        clip_source, train_path, val_path = str(paths["clip"]), paths["train"], paths["val"]
-    else:
-        clip_source, train_path, val_path = config.clip, config.feedback, config.val_feedback
-    train = load_feedback(train_path)
-    if val_path is not None:
-        val = load_feedback(val_path)
-    else:
-        train, val = split_by_prompt(train, config.val_fraction, config.seed)
-    overlap = {s.prompt for s in train} & {s.prompt for s in val}
-    if overlap:
-        raise ValueError(f"held-out prompts also appear in training feedback: {sorted(overlap)[:5]}")
-    source = resolve_model_source(clip_source, "train-reward")
-    clip = CLIPModel.from_pretrained(source).to(config.device).eval().requires_grad_(False)
-    processor = CLIPProcessor.from_pretrained(source)
-    texts = _TextCache(clip, processor, config.device)
-    train_img, train_txt = _embed_samples(train, clip, processor, texts, config.device)  # (N, D) each
-    val_img, val_txt = _embed_samples(val, clip, processor, texts, config.device)
-    train_y = torch.tensor([s.label for s in train], dtype=torch.float32)
-    val_y = torch.tensor([s.label for s in val], dtype=torch.float32)
-
-    # 2. The head.
+    image, text, labels = data
     torch.manual_seed(config.seed)
-    head_config = HeadConfig(embed_dim=train_img.shape[1], hidden_sizes=config.hidden_sizes, dropout=config.dropout)
-    head = build_head(head_config).to(config.device)
+    head_config = HeadConfig(
+        embed_dim=image.shape[1], hidden_sizes=config.hidden_sizes, dropout=config.dropout, residual=config.residual
+    )
+    head = build_head(head_config)
+    if config.residual:
+        set_cosine_affine(head, *fit_cosine_affine((image * text).sum(-1), labels))
+    head = head.to(config.device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
-    augmentable = np.array([s.label == 1 and s.attrs is not None for s in train])
+    augmentable = np.array([s.label == 1 and s.attrs is not None for s in samples])
 
-    def val_loss() -> float:
+    def validate() -> dict[str, float]:
         head.eval()
         with torch.no_grad():
-            r = torch.sigmoid(head_logits(head, val_img, val_txt))
-        return float(torch.mean((r - val_y) ** 2))
+            r = torch.sigmoid(head_logits(head, val_data[0], val_data[1]))  # (V,)
+        mse = float(torch.mean((r - val_data[2]) ** 2))
+        return {"val_mse": mse, "val_auc": roc_auc(r.numpy(), val_data[2].numpy())}
 
-    # 3. Epochs, early stopping on the held-out MSE.
     best, best_state, bad_epochs, history = float("inf"), None, 0, []
-    bar = tqdm(range(config.epochs), desc="train-reward", disable=not progress)
+    desc = "train-reward" if val_data is not None else "train-reward (refit)"
+    bar = tqdm(range(epochs), desc=desc, disable=not progress)
     for epoch in bar:
+        # 1. One pass over the feedback in shuffled batches.
         head.train()
-        order = rng.permutation(len(train))
+        order = rng.permutation(len(samples))
         sums = {"loss": 0.0, "mse": 0.0, "cls": 0.0}
         for start in range(0, len(order), config.batch_size):
             idx = order[start : start + config.batch_size]
-            # Augmented rows first, as alignment_loss expects.
+            # 2. Augmented rows first, as alignment_loss expects: the true prompt and N - 1 one-attribute changes.
             idx = np.concatenate([idx[augmentable[idx]], idx[~augmentable[idx]]])
             aug = None
             n_aug = int(augmentable[idx].sum())
             if config.lambda_cls > 0 and n_aug:
                 prompts = []
                 for i in idx[:n_aug]:
-                    attrs = train[i].attrs
-                    prompts += [train[i].prompt] + [
-                        render_prompt(a) for a in perturb(attrs, rng, config.num_prompts - 1)
+                    prompts += [samples[i].prompt] + [
+                        render_prompt(a) for a in perturb(samples[i].attrs, rng, config.num_prompts - 1)
                     ]
                 aug = texts(prompts).view(n_aug, config.num_prompts, -1)  # (P, N, D)
+            # 3. The step.
             loss, parts = alignment_loss(
-                head, train_img[idx], train_txt[idx], train_y[idx], aug, config.lambda_cls, config.temperature
+                head, image[idx], text[idx], labels[idx], aug, config.lambda_cls, config.temperature
             )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             for k, v in (("loss", loss.item()), *parts.items()):
                 sums[k] += v * len(idx)
-        record = {"epoch": epoch, **{k: v / len(train) for k, v in sums.items()}, "val_mse": val_loss()}
+        record = {"epoch": epoch, **{k: v / len(samples) for k, v in sums.items()}}
+        # 4. Early stopping on the validation MSE.
+        if val_data is not None:
+            record.update(validate())
+            # Lower is better: MSE as is, AUC negated.
+            value = record["val_mse"] if config.early_stopping == "mse" else -record["val_auc"]
+            if value < best - 1e-6:
+                best, bad_epochs = value, 0
+                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
+            else:
+                bad_epochs += 1
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", val_mse=f"{record['val_mse']:.4f}")
-        if record["val_mse"] < best - 1e-6:
-            best, bad_epochs = record["val_mse"], 0
-            best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        else:
-            bad_epochs += 1
-            if bad_epochs >= config.patience:
-                break
-    head.load_state_dict(best_state)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in record.items() if k in ("loss", "val_mse")})
+        if val_data is not None and bad_epochs >= config.patience:
+            break
+    if best_state is not None:
+        head.load_state_dict(best_state)
     head.eval()
+    return head, head_config, history
 
-    # 4. Evaluation on unseen prompts: learned reward vs CLIP score, thresholds chosen on the training feedback.
+
+def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any]:
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    started = time.perf_counter()
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. Data, split by prompt three ways: train (fits the head), val (early stopping), held-out (evaluation only).
+    if config.testbed is not None:
+        paths = build_testbed_once(config.testbed, config.seed)
+        clip_source, train_path, heldout_path = str(paths["clip"]), paths["train"], paths["heldout"]
+    else:
+        clip_source, train_path, heldout_path = config.clip, config.feedback, config.heldout_feedback
+    train_all = load_feedback(train_path)
+    if heldout_path is not None:
+        heldout = load_feedback(heldout_path)
+    else:
+        train_all, heldout = split_by_prompt(train_all, config.heldout_fraction, config.seed)
+    overlap = {s.prompt for s in train_all} & {s.prompt for s in heldout}
+    if overlap:
+        raise ValueError(f"held-out prompts also appear in training feedback: {sorted(overlap)[:5]}")
+    if len({s.prompt for s in train_all}) < 2:
+        raise ValueError("training feedback needs at least 2 distinct prompts (one is held out for early stopping)")
+    train, val = split_by_prompt(train_all, config.val_fraction, config.seed)
+
+    # 2. The frozen CLIP's embeddings, computed once.
+    source = resolve_model_source(clip_source, "train-reward")
+    clip = CLIPModel.from_pretrained(source).to(config.device).eval().requires_grad_(False)
+    processor = CLIPProcessor.from_pretrained(source)
+    texts = _TextCache(clip, processor, config.device)
+    data = {
+        name: (*_embed_samples(samples, clip, processor, texts, config.device), _labels(samples))
+        for name, samples in (("train", train), ("val", val), ("heldout", heldout))
+    }  # name -> (image (N, D), text (N, D), label (N,))
+
+    # 3. Fit on train with early stopping on val; then, with refit, again on train + val for the epochs it chose.
+    head, head_config, history = _fit(config, train, data["train"], data["val"], config.epochs, texts, progress)
+    key = {"mse": lambda r: r["val_mse"], "auc": lambda r: -r["val_auc"]}[config.early_stopping]
+    best_epochs = 1 + int(np.argmin([key(r) for r in history]))
+    fit_samples, fit_data, refit_history = train, data["train"], []
+    if config.refit:
+        fit_samples = train + val
+        fit_data = tuple(torch.cat(parts) for parts in zip(data["train"], data["val"], strict=True))
+        head, head_config, refit_history = _fit(config, fit_samples, fit_data, None, best_epochs, texts, progress)
+
+    # 4. Evaluation on unseen prompts: learned reward vs CLIP score.
+    (fit_img, fit_txt, fit_y), (held_img, held_txt, held_y) = fit_data, data["heldout"]
     with torch.no_grad():
-        scores = {
-            "learned reward": (
-                torch.sigmoid(head_logits(head, train_img, train_txt)).numpy(),
-                torch.sigmoid(head_logits(head, val_img, val_txt)).numpy(),
-            ),
-            "CLIP score": ((train_img * train_txt).sum(-1).numpy(), (val_img * val_txt).sum(-1).numpy()),
+        scores = {  # (H,) each
+            "learned reward": torch.sigmoid(head_logits(head, held_img, held_txt)).numpy(),
+            "CLIP score": (held_img * held_txt).sum(-1).numpy(),
         }
-    ytr, yva = train_y.numpy(), val_y.numpy()
+    yva = held_y.numpy()
     evaluation: dict[str, Any] = {
-        "train_samples": len(train),
-        "val_samples": len(val),
+        "train_samples": len(fit_samples),
+        "train_prompts": len({s.prompt for s in fit_samples}),
         "val_prompts": len({s.prompt for s in val}),
+        "heldout_samples": len(heldout),
+        "heldout_prompts": len({s.prompt for s in heldout}),
+        "best_epochs": best_epochs,
         "epochs_run": len(history),
+        "refit": config.refit,
         "seconds": round(time.perf_counter() - started, 1),
         "config": asdict(config),
     }
-    for name, (s_train, s_val) in scores.items():
-        t = best_threshold(s_train, ytr)
-        evaluation[name] = {"threshold": t, "accuracy": accuracy(s_val, yva, t), "auc": roc_auc(s_val, yva)}
+    # The learned reward predicts P(good): its decision rule is r >= 0.5, the accuracy-optimal threshold for a
+    # calibrated probability. A threshold fitted on its own training feedback is overconfident (240-prompt testbed,
+    # seed 2: 0.76, held-out accuracy 0.750 against 0.773 at 0.5). CLIP score has no scale of its own: its threshold
+    # is the best one on the training feedback.
+    thresholds = {
+        "learned reward": 0.5,
+        "CLIP score": best_threshold((fit_img * fit_txt).sum(-1).numpy(), fit_y.numpy()),
+    }
+    for name, s_held in scores.items():
+        t = thresholds[name]
+        evaluation[name] = {"threshold": t, "accuracy": accuracy(s_held, yva, t), "auc": roc_auc(s_held, yva)}
     evaluation["accuracy_gain_points"] = 100 * (
         evaluation["learned reward"]["accuracy"] - evaluation["CLIP score"]["accuracy"]
     )
@@ -305,21 +412,30 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
         clip_ref = clip_source
     save_alignment_model(out, clip_ref, head, head_config, evaluation=evaluation)
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    if refit_history:
+        (out / "metrics_refit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refit_history))
     (out / "eval.json").write_text(json.dumps(evaluation, indent=2))
-    plot_roc({name: (s_val, yva) for name, (_, s_val) in scores.items()}, out / "roc.png")
+    plot_roc({name: (s_held, yva) for name, s_held in scores.items()}, out / "roc.png")
     return evaluation
 
 
 def build_testbed_once(root: str | Path, seed: int) -> dict[str, Path]:
-    """The testbed under `root`, built on first use (its marker file records that the build finished)."""
+    """The testbed under `root`, built on first use and rebuilt when its config (seed, defaults) or vocabulary changed.
+
+    The marker file records the config and attribute values of the finished build, and its paths.
+    """
+    from trainer.testbed import VALUES, TestbedConfig, build_testbed
+
     root = Path(root).expanduser()
     marker = root / "testbed.json"
+    config = {**to_dict(TestbedConfig(seed=seed)), "values": {k: list(v) for k, v in VALUES.items()}}
     if marker.exists():
-        return {k: root / v for k, v in json.loads(marker.read_text()).items()}
-    from trainer.testbed import TestbedConfig, build_testbed
-
+        built = json.loads(marker.read_text())
+        if built.get("config") == config:
+            return {k: root / v for k, v in built["paths"].items()}
     paths = build_testbed(root, TestbedConfig(seed=seed))
-    marker.write_text(json.dumps({k: str(Path(v).relative_to(root)) for k, v in paths.items()}))
+    relative = {k: str(Path(v).relative_to(root)) for k, v in paths.items()}
+    marker.write_text(json.dumps({"config": config, "paths": relative}))
     return {k: Path(v) for k, v in paths.items()}
 
 
@@ -342,9 +458,12 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> No
 
 
 def format_evaluation(evaluation: dict[str, Any]) -> str:
+    e = evaluation
     lines = [
-        f"held-out feedback: {evaluation['val_samples']} samples, {evaluation['val_prompts']} prompts unseen in "
-        f"training; {evaluation['epochs_run']} epochs, {evaluation['seconds']}s",
+        f"held-out feedback: {e['heldout_samples']} samples, {e['heldout_prompts']} prompts unseen in training",
+        f"early stopping on {e['val_prompts']} validation prompts: {e['best_epochs']} epochs"
+        + (f", then refit on all {e['train_prompts']} training prompts" if e["refit"] else "")
+        + f"; {e['seconds']}s",
         f"{'method':<16} {'accuracy':>9} {'AUC':>7}",
     ]
     for name in ("learned reward", "CLIP score"):
@@ -357,7 +476,7 @@ def format_evaluation(evaluation: dict[str, Any]) -> str:
 # The local profile's alignment reward: trained on the testbed on first use (seeded), like the tiny models.
 TESTBED_REWARD_SPEC = "~/.cache/rewardfleet/alignment_testbed"
 # Bump when the testbed or the training changes, so a cached reward is rebuilt.
-TESTBED_REWARD_VERSION = 1
+TESTBED_REWARD_VERSION = 3
 
 
 def ensure_testbed_reward(root: str | Path = TESTBED_REWARD_SPEC) -> Path:

@@ -1,15 +1,15 @@
 """Learned alignment reward (Lee et al. 2023, "Aligning Text-to-Image Models using Human Feedback").
 
-Frozen CLIP image and text embeddings -> MLP head -> sigmoid. The head is trained (`rewardfleet train-reward`,
-trainer/reward_training.py) on binary human feedback (image, prompt, good/bad) with MSE to the label, plus the paper's
-prompt-classification augmentation.
+Frozen CLIP image and text embeddings -> MLP head (optionally a correction to an affine map of the CLIP cosine) ->
+sigmoid. The head is trained (`rewardfleet train-reward`, trainer/reward_training.py) on binary human feedback (image,
+prompt, good/bad) with MSE to the label, plus the paper's prompt-classification augmentation.
 
 Score: the predicted probability that a rater judges the image to match its prompt, range [0, 1]; higher = better
 aligned. `components["clip_score"]` is the cosine similarity of the same CLIP embeddings ([-1, 1]), the baseline the
 learned reward is measured against.
 
 A trained reward is a directory:
-- `alignment_reward.json`: the CLIP source (hub id, or a path relative to the directory) and the head's sizes;
+- `alignment_reward.json`: the CLIP source (hub id, or a path relative to the directory) and the head's config;
 - `head.safetensors`: the head's weights.
 """
 
@@ -39,12 +39,18 @@ class HeadConfig:
     hidden_sizes: tuple[int, ...] = (512, 128)
     # Dropout between hidden layers (training only).
     dropout: float = 0.1
+    # Residual head: logit = scale * cosine + bias + MLP(features), so the MLP learns a correction to the CLIP-score
+    # classifier rather than the whole decision, which generalises better to unseen prompts. The MLP's last layer
+    # starts at zero, so an untrained residual head is the CLIP-score classifier.
+    residual: bool = False
 
 
 def build_head(config: HeadConfig):
     """The MLP: features [image, text, image * text] (3 * embed_dim) -> hidden layers (GELU) -> one logit.
 
     The element-wise product exposes per-dimension agreement, which a pure concatenation would have to learn.
+    With `config.residual`, a ModuleDict {"mlp": the MLP (last layer zero), "cosine": Linear(1, 1) on the cosine};
+    `head_logits` adds the two. Call heads only through `head_logits`.
     """
     import torch
 
@@ -54,7 +60,22 @@ def build_head(config: HeadConfig):
         layers += [torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Dropout(config.dropout)]
         width = hidden
     layers.append(torch.nn.Linear(width, 1))
-    return torch.nn.Sequential(*layers)
+    mlp = torch.nn.Sequential(*layers)
+    if not config.residual:
+        return mlp
+    torch.nn.init.zeros_(layers[-1].weight)
+    torch.nn.init.zeros_(layers[-1].bias)
+    # Scale and bias of the cosine; `set_cosine_affine` sets them from data before training.
+    return torch.nn.ModuleDict({"mlp": mlp, "cosine": torch.nn.Linear(1, 1)})
+
+
+def set_cosine_affine(head, scale: float, bias: float) -> None:
+    """Sets a residual head's cosine term to scale * cosine + bias."""
+    import torch
+
+    with torch.no_grad():
+        head["cosine"].weight.fill_(scale)
+        head["cosine"].bias.fill_(bias)
 
 
 def head_logits(head, image_emb, text_emb):
@@ -62,7 +83,12 @@ def head_logits(head, image_emb, text_emb):
     import torch
 
     image_emb, text_emb = torch.broadcast_tensors(image_emb, text_emb)
-    return head(torch.cat([image_emb, text_emb, image_emb * text_emb], dim=-1)).squeeze(-1)
+    product = image_emb * text_emb  # (..., D); sums to the cosine
+    features = torch.cat([image_emb, text_emb, product], dim=-1)  # (..., 3D)
+    if isinstance(head, torch.nn.ModuleDict):
+        cosine = product.sum(-1, keepdim=True)  # (..., 1)
+        return (head["cosine"](cosine) + head["mlp"](features)).squeeze(-1)
+    return head(features).squeeze(-1)
 
 
 def clip_embeddings(clip, processor, images: Sequence[np.ndarray] | None, texts: Sequence[str] | None, device: str):

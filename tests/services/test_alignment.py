@@ -51,6 +51,31 @@ def test_the_directory_moves_as_a_whole(reward_dir, tmp_path, rng):
     assert a.score([image], ["p"])[0].reward == b.score([image], ["p"])[0].reward
 
 
+def test_a_residual_head_round_trips_through_the_directory(reward_dir, tmp_path, rng):
+    import json
+    import shutil
+
+    from services.rewards.alignment import head_logits, set_cosine_affine
+
+    shutil.copytree(reward_dir / "clip", tmp_path / "clip")
+    embed_dim = json.loads((reward_dir / "alignment_reward.json").read_text())["head"]["embed_dim"]
+    head_config = HeadConfig(embed_dim=embed_dim, hidden_sizes=(8,), residual=True)
+    torch.manual_seed(1)
+    head = build_head(head_config)
+    set_cosine_affine(head, 7.0, -0.5)
+    torch.nn.init.normal_(head["mlp"][-1].weight)  # a trained-looking residual, not the zero it starts at
+    save_alignment_model(tmp_path, "clip", head.eval(), head_config)
+
+    reward = build_reward("alignment", {"model_dir": str(tmp_path)})
+    reward.load("cpu")
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(3)]
+    prompts = ["two green balls in the city", "a red cube on the beach", "one blue ball"]
+    image_emb, text_emb = clip_embeddings(reward.clip, reward.processor, images, prompts, "cpu")
+    with torch.no_grad():
+        expected = torch.sigmoid(head_logits(head, image_emb, text_emb))
+    np.testing.assert_allclose([o.reward for o in reward.score(images, prompts)], expected, atol=1e-6)
+
+
 def test_missing_model_dir_names_what_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no_reward/alignment_reward.json does not exist"):
         build_reward("alignment", {"model_dir": str(tmp_path / "no_reward")}).load("cpu")

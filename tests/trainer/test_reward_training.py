@@ -1,15 +1,24 @@
 """The learned alignment reward's loss, metrics, data split and feedback loader."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from services.codec import encode_image
-from services.rewards.alignment import HeadConfig, build_head, head_logits
+from services.rewards.alignment import HeadConfig, build_head, head_logits, set_cosine_affine
 from trainer.feedback import FeedbackError, load_feedback
-from trainer.reward_training import alignment_loss, best_threshold, roc_auc, split_by_prompt
+from trainer.reward_training import (
+    alignment_loss,
+    best_threshold,
+    build_testbed_once,
+    fit_cosine_affine,
+    roc_auc,
+    split_by_prompt,
+)
 
 
 def _unit(x):
@@ -67,6 +76,58 @@ def test_gradient_flows_to_the_head_only(batch):
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     assert all(p.grad is None for p in clip.parameters())
+
+
+def test_residual_head_starts_as_the_cosine_classifier(batch):
+    _, image, text, labels, aug = batch
+    head = build_head(HeadConfig(embed_dim=8, hidden_sizes=(16,), dropout=0.0, residual=True))
+    set_cosine_affine(head, 12.0, -3.0)
+    cosine = (image * text).sum(-1)
+    torch.testing.assert_close(head_logits(head, image, text), 12.0 * cosine - 3.0)
+    torch.testing.assert_close(
+        head_logits(head, image[:2, None, :], aug), 12.0 * (image[:2, None, :] * aug).sum(-1) - 3.0
+    )
+    # Every parameter learns: the zero last layer first, the layers below it once it is no longer zero.
+    before = [p.detach().clone() for p in head.parameters()]
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    for _ in range(2):
+        loss, _ = alignment_loss(head, image, text, labels, aug, lambda_cls=1.0, temperature=0.5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, head.parameters(), strict=True))
+
+
+def test_fit_cosine_affine_recovers_a_logistic_model():
+    g = torch.Generator().manual_seed(0)
+    cosine = 0.2 + 0.1 * torch.randn(20000, generator=g)
+    labels = torch.bernoulli(torch.sigmoid(30.0 * cosine - 6.0), generator=g)
+    scale, bias = fit_cosine_affine(cosine, labels)
+    assert scale == pytest.approx(30.0, rel=0.15) and bias == pytest.approx(-6.0, rel=0.15)
+
+
+def test_build_testbed_once_rebuilds_when_the_config_changes(tmp_path, monkeypatch):
+    import trainer.testbed
+
+    built = []
+
+    def fake_build(root, config):  # records the call, writes the files build_testbed would
+        built.append(config.seed)
+        for name in ("clip/config.json", "train/feedback.jsonl", "heldout/feedback.jsonl"):
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(str(config.seed))
+        return {name.split("/")[0]: root / name for name in ("clip", "train/feedback.jsonl", "heldout/feedback.jsonl")}
+
+    monkeypatch.setattr(trainer.testbed, "build_testbed", fake_build)
+    paths = build_testbed_once(tmp_path, seed=0)
+    assert paths["train"] == tmp_path / "train" / "feedback.jsonl" and built == [0]
+    assert build_testbed_once(tmp_path, seed=0) == paths and built == [0]  # cached
+    build_testbed_once(tmp_path, seed=1)  # another seed: rebuilt
+    assert built == [0, 1] and paths["train"].read_text() == "1"
+    # A marker from an older testbed (the paths only, no config) is stale.
+    (tmp_path / "testbed.json").write_text(json.dumps({"train": "train/feedback.jsonl"}))
+    build_testbed_once(tmp_path, seed=1)
+    assert built == [0, 1, 1]
 
 
 def test_auc_and_threshold_by_hand():
@@ -132,3 +193,88 @@ def test_feedback_attributes_are_kept_when_complete(tmp_path):
     )
     good, partial = load_feedback(path)
     assert good.attrs == attrs and good.label == 1 and partial.attrs is None
+
+
+# --- train_reward end to end, on a tiny testbed -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_testbed(tmp_path_factory):
+    from dataclasses import replace
+
+    from tests.trainer.test_testbed import TINY
+    from trainer.testbed import build_testbed
+
+    return build_testbed(tmp_path_factory.mktemp("testbed"), replace(TINY, images_per_prompt=2))
+
+
+def _tiny_training(paths, out_dir, **overrides):
+    from trainer.reward_training import RewardTrainingConfig
+
+    fields = dict(
+        out_dir=str(out_dir),
+        testbed=None,
+        feedback=str(paths["train"]),
+        heldout_feedback=str(paths["heldout"]),
+        clip=str(paths["clip"]),
+        hidden_sizes=(16,),
+        epochs=4,
+        patience=2,
+        num_prompts=3,
+    )
+    return RewardTrainingConfig(**{**fields, **overrides})
+
+
+def test_train_reward_splits_three_ways_and_writes_a_servable_reward(tiny_testbed, tmp_path):
+    from services.registry import build_reward
+    from trainer.reward_training import train_reward
+
+    evaluation = train_reward(_tiny_training(tiny_testbed, tmp_path / "reward"), progress=False)
+    # The testbed's 448 prompts: 112 pretrain the CLIP, 112 are held out, 224 train; a fifth of those validate.
+    assert evaluation["heldout_prompts"] == 112 and evaluation["train_prompts"] == 224
+    assert evaluation["val_prompts"] == round(0.2 * 224)
+    assert 1 <= evaluation["best_epochs"] <= evaluation["epochs_run"] <= 4
+    history = [json.loads(line) for line in (tmp_path / "reward" / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == evaluation["epochs_run"] and {"val_mse", "val_auc"} <= history[0].keys()
+    refit = (tmp_path / "reward" / "metrics_refit.jsonl").read_text().splitlines()
+    assert len(refit) == evaluation["best_epochs"]
+    for name in ("learned reward", "CLIP score"):
+        assert 0.0 <= evaluation[name]["accuracy"] <= 1.0
+    assert (tmp_path / "reward" / "roc.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "reward" / "alignment_reward.json").read_text())
+    assert saved["clip"] == "clip" and saved["evaluation"]["best_epochs"] == evaluation["best_epochs"]
+    reward = build_reward("alignment", {"model_dir": str(tmp_path / "reward")})
+    reward.load("cpu")
+    row = json.loads(Path(tiny_testbed["heldout"]).read_text().splitlines()[0])
+    image = np.asarray(Image.open(Path(tiny_testbed["heldout"]).parent / row["image"]).convert("RGB"))
+    (out,) = reward.score([image], [row["prompt"]])
+    assert 0.0 < out.reward < 1.0 and -1.0 <= out.components["clip_score"] <= 1.0
+
+
+def test_held_out_feedback_never_steers_training(tiny_testbed, tmp_path):
+    from safetensors.torch import load_file
+
+    from trainer.reward_training import train_reward
+
+    # The same held-out images with every label flipped, next to the original (image paths are relative).
+    heldout = Path(tiny_testbed["heldout"])
+    flipped = heldout.with_name("flipped.jsonl")
+    rows = [json.loads(line) for line in heldout.read_text().splitlines()]
+    flipped.write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n" for r in rows))
+
+    a = train_reward(_tiny_training(tiny_testbed, tmp_path / "a"), progress=False)
+    b = train_reward(_tiny_training(tiny_testbed, tmp_path / "b", heldout_feedback=str(flipped)), progress=False)
+    assert a["best_epochs"] == b["best_epochs"]
+    head_a, head_b = load_file(tmp_path / "a" / "head.safetensors"), load_file(tmp_path / "b" / "head.safetensors")
+    assert head_a.keys() == head_b.keys() and all(head_a[k].equal(head_b[k]) for k in head_a)
+    # ...while the evaluation does read it: flipped labels, complementary accuracy at the same threshold.
+    assert b["learned reward"]["accuracy"] == pytest.approx(1 - a["learned reward"]["accuracy"])
+
+
+def test_training_config_rejects_bad_fractions_and_metrics():
+    from trainer.reward_training import RewardTrainingConfig
+
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\), got 1.0"):
+        RewardTrainingConfig(val_fraction=1.0)
+    with pytest.raises(ValueError, match="early_stopping must be 'mse' or 'auc', got 'loss'"):
+        RewardTrainingConfig(early_stopping="loss")

@@ -26,6 +26,7 @@ from trainer.testbed import (
     build_testbed,
     perturb,
     pretrain_clip,
+    pretraining_caption,
     random_attrs,
     render_image,
     render_prompt,
@@ -67,17 +68,35 @@ def test_render_prompt_examples():
     )
 
 
+def test_pretraining_captions_write_the_count_as_a_digit():
+    from services.tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    assert pretraining_caption({"count": 3, "color": "green", "object": "ball", "background": "city"}, True) == (
+        "3 green balls in the city"
+    )
+    for attrs in all_prompts():
+        prompt, caption = render_prompt(attrs), pretraining_caption(attrs, count_as_digit=True)
+        assert pretraining_caption(attrs, count_as_digit=False) == prompt
+        # Only the count is rewritten; the noun keeps the prompt's singular or plural.
+        assert caption.split(" ", 1) == [str(attrs["count"]), prompt.split(" ", 1)[1]]
+        # The digit is a token of its own, so the captions carry the count, and no number word reaches pretraining.
+        tokens = tokenizer.tokenize(caption)
+        assert tokens[0] == str(attrs["count"]) and tokenizer.unk_token not in tokens
+        assert not set(tokens) & {"one", "two", "three", "four"}
+
+
 def test_render_prompt_rejects_unknown_values():
     with pytest.raises(ValueError, match="color"):
-        render_prompt({"count": 1, "color": "orange", "object": "ball", "background": "city"})
+        render_prompt({"count": 1, "color": "teal", "object": "ball", "background": "city"})
     with pytest.raises(ValueError, match="keys"):
         render_prompt({"count": 1, "color": "red", "object": "ball"})
 
 
 def test_all_prompts_is_every_combination():
     prompts = all_prompts()
-    assert len(prompts) == len(COUNTS) * len(COLORS) * len(OBJECTS) * len(BACKGROUNDS) == 240
-    assert len({render_prompt(p) for p in prompts}) == 240
+    assert len(prompts) == len(COUNTS) * len(COLORS) * len(OBJECTS) * len(BACKGROUNDS) == 448
+    assert len({render_prompt(p) for p in prompts}) == 448
     assert all(tuple(p) == ATTRIBUTES for p in prompts)
 
 
@@ -85,7 +104,7 @@ def test_perturb_changes_exactly_one_perturbable_attribute():
     rng = np.random.default_rng(0)
     for _ in range(20):
         attrs = random_attrs(rng)
-        for n in (1, 3, 10):
+        for n in (1, 3, 12):
             out = perturb(attrs, rng, n)
             assert len(out) == n
             assert len({render_prompt(p) for p in out} | {render_prompt(attrs)}) == n + 1  # distinct, none = attrs
@@ -100,10 +119,10 @@ def test_perturb_is_balanced_and_rejects_too_many():
     changed = [differing(attrs, perturb(attrs, rng)[0])[0] for _ in range(600)]
     for key in PERTURBABLE:  # 200 expected each
         assert 150 < changed.count(key) < 250
-    # 3 other counts + 4 other colors + 3 other backgrounds.
-    assert len(perturb(attrs, rng, 10)) == 10
+    # 3 other counts + 6 other colors + 3 other backgrounds.
+    assert len(perturb(attrs, rng, 12)) == 12
     with pytest.raises(ValueError, match="n must be in"):
-        perturb(attrs, rng, 11)
+        perturb(attrs, rng, 13)
     with pytest.raises(ValueError, match="n must be in"):
         perturb(attrs, rng, -1)
 
@@ -146,16 +165,17 @@ def test_objects_are_countable(size):
 def test_split_prompts_disjoint_and_covering():
     splits = split_prompts(seed=0)
     keys = {name: {render_prompt(p) for p in split} for name, split in splits.items()}
-    assert {name: len(k) for name, k in keys.items()} == {"clip": 120, "train": 60, "val": 60}
-    assert not keys["clip"] & keys["train"] and not keys["clip"] & keys["val"] and not keys["train"] & keys["val"]
-    assert keys["clip"] | keys["train"] | keys["val"] == {render_prompt(p) for p in all_prompts()}
+    assert {name: len(k) for name, k in keys.items()} == {"clip": 224, "train": 112, "heldout": 112}
+    assert not keys["clip"] & keys["train"] and not keys["clip"] & keys["heldout"]
+    assert not keys["train"] & keys["heldout"]
+    assert keys["clip"] | keys["train"] | keys["heldout"] == {render_prompt(p) for p in all_prompts()}
     for split in splits.values():
         for key, values in (("count", COUNTS), ("color", COLORS), ("object", OBJECTS), ("background", BACKGROUNDS)):
             assert {p[key] for p in split} == set(values)
     assert split_prompts(seed=0) == splits
     assert split_prompts(seed=1) != splits
     with pytest.raises(ValueError, match="at least one prompt"):
-        split_prompts(clip_fraction=0.8, val_fraction=0.2)
+        split_prompts(clip_fraction=0.8, heldout_fraction=0.2)
 
 
 def test_config_rejects_bad_values():
@@ -165,6 +185,8 @@ def test_config_rejects_bad_values():
         TestbedConfig(label_noise=0.7)
     with pytest.raises(ValueError, match="clip_hidden"):
         TestbedConfig(clip_hidden=30)
+    with pytest.raises(ValueError, match="clip_fraction"):
+        TestbedConfig(clip_fraction=0.5, heldout_fraction=0.5)
 
 
 def read_feedback(path):
@@ -196,7 +218,7 @@ def test_write_feedback_without_noise(tmp_path):
 
 
 def test_write_feedback_flips_labels(tmp_path):
-    prompts = split_prompts()["val"][:20]
+    prompts = split_prompts()["heldout"][:20]
     config = replace(TINY, images_per_prompt=8, label_noise=0.25, positive_fraction=0.75)
     rows = read_feedback(write_feedback(tmp_path, prompts, config, np.random.default_rng(1)))
     flipped = truly_positive = 0
@@ -236,14 +258,16 @@ def test_pretrain_clip_saves_loadable_model(tmp_path):
 
 
 def test_build_testbed_end_to_end(tmp_path):
-    config = replace(TINY, images_per_prompt=2)
+    config = replace(TINY, images_per_prompt=2, clip_fraction=0.25, heldout_fraction=0.2)
     paths = build_testbed(tmp_path, config)
     assert paths == {
         "clip": tmp_path / "clip",
         "train": tmp_path / "train" / "feedback.jsonl",
-        "val": tmp_path / "val" / "feedback.jsonl",
+        "heldout": tmp_path / "heldout" / "feedback.jsonl",
     }
-    train, val = read_feedback(paths["train"]), read_feedback(paths["val"])
-    assert len(train) == len(val) == 120
-    assert not {r["prompt"] for r in train} & {r["prompt"] for r in val}
+    train, heldout = read_feedback(paths["train"]), read_feedback(paths["heldout"])
+    # The config's fractions of the 448 prompts: 112 for CLIP, 90 held out, the other 246 for training.
+    assert (len(train), len(heldout)) == (246 * 2, 90 * 2)
+    assert json.loads((tmp_path / "clip" / "pretrain_metrics.json").read_text())["prompts"] == 112
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in heldout}
     assert (tmp_path / "clip" / "config.json").exists()
