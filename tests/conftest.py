@@ -61,9 +61,16 @@ ASSEMBLE_TEST_APPS = [
 ]
 
 
-def test_serve_config() -> dict:
-    """The local profile plus two test applications of the same reward: tight limits, and backpressure."""
+def test_serve_config(alignment_dir: str | None = None) -> dict:
+    """The local profile plus two test applications of the same reward: tight limits, and backpressure.
+
+    `alignment_dir` replaces the `alignment` app's reward directory (the profile's full testbed reward takes minutes
+    to train on first use; the tests serve one trained on a tiny testbed instead).
+    """
     config = load_serve_config(LOCAL_PROFILE, grpc_port=free_port(), http_port=free_port())
+    if alignment_dir is not None:
+        alignment = next(a for a in config["applications"] if a["name"] == "alignment")
+        alignment["args"]["reward_config"]["model_dir"] = alignment_dir
     base = next(a for a in config["applications"] if a["name"] == "jpeg_compressibility")
     for app in config["applications"]:
         for dep in app.get("deployments", []):
@@ -99,11 +106,35 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def fleet(ray_cluster):
+def tiny_alignment_reward(tmp_path_factory) -> str:
+    """A learned alignment reward directory, trained by `train_reward` on a tiny seeded testbed (a few seconds)."""
+    from dataclasses import replace
+
+    from tests.trainer.test_testbed import TINY
+    from trainer.reward_training import RewardTrainingConfig, train_reward
+    from trainer.testbed import build_testbed
+
+    root = tmp_path_factory.mktemp("alignment")
+    paths = build_testbed(root / "testbed", replace(TINY, images_per_prompt=2))
+    config = RewardTrainingConfig(
+        out_dir=str(root / "reward"),
+        testbed=None,
+        feedback=str(paths["train"]),
+        heldout_feedback=str(paths["heldout"]),
+        clip=str(paths["clip"]),
+        hidden_sizes=(16,),
+        epochs=3,
+    )
+    train_reward(config, progress=False)
+    return config.out_dir
+
+
+@pytest.fixture(scope="session")
+def fleet(ray_cluster, tiny_alignment_reward):
     """The local profile served for real: Serve gRPC proxy on 127.0.0.1:<free port>."""
     from deploy.fleet import start_fleet, stop_fleet
 
-    running = start_fleet(test_serve_config())
+    running = start_fleet(test_serve_config(tiny_alignment_reward))
     yield running
     stop_fleet(shutdown_ray=False)
 

@@ -82,12 +82,12 @@ def test_missing_model_dir_names_what_is_missing(tmp_path):
 
 
 @pytest.mark.integration
-def test_served_testbed_reward_matches_in_process(fleet):
+def test_served_trained_reward_matches_in_process(fleet, tiny_alignment_reward):
+    """The fleet's `alignment` app serves a reward trained by train_reward (on a tiny testbed)."""
     from services.client import RewardClient
-    from trainer.reward_training import ensure_testbed_reward
     from trainer.testbed import random_attrs, render_image, render_prompt
 
-    local = build_reward("alignment", {"model_dir": str(ensure_testbed_reward())})
+    local = build_reward("alignment", {"model_dir": tiny_alignment_reward})
     local.load("cpu")
     rng = np.random.default_rng(0)
     attrs = [random_attrs(rng) for _ in range(6)]
@@ -95,7 +95,8 @@ def test_served_testbed_reward_matches_in_process(fleet):
     prompts = [render_prompt(a) for a in attrs]
     results = RewardClient(fleet.grpc_target, "alignment").score(images, prompts)
     expected = local.score(images, prompts)
-    np.testing.assert_allclose([r.reward for r in results], [e.reward for e in expected], atol=1e-6)
+    # float32, but the replica and this process may reduce in a different order (threads, batch): 1e-6 apart was seen.
+    np.testing.assert_allclose([r.reward for r in results], [e.reward for e in expected], atol=1e-5)
     np.testing.assert_allclose(
-        [r.components["clip_score"] for r in results], [e.components["clip_score"] for e in expected], atol=1e-6
+        [r.components["clip_score"] for r in results], [e.components["clip_score"] for e in expected], atol=1e-5
     )
