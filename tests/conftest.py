@@ -106,25 +106,40 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="session")
-def tiny_alignment_reward(tmp_path_factory) -> str:
-    """A learned alignment reward directory, trained by `train_reward` on a tiny seeded testbed (a few seconds)."""
+def tiny_testbed(tmp_path_factory) -> dict:
+    """A tiny seeded feedback testbed (stand-in CLIP, train and held-out feedback), built once per session."""
     from dataclasses import replace
 
     from tests.trainer.test_testbed import TINY
-    from trainer.reward_training import RewardTrainingConfig, train_reward
     from trainer.testbed import build_testbed
 
-    root = tmp_path_factory.mktemp("alignment")
-    paths = build_testbed(root / "testbed", replace(TINY, images_per_prompt=2))
-    config = RewardTrainingConfig(
-        out_dir=str(root / "reward"),
+    return build_testbed(tmp_path_factory.mktemp("testbed"), replace(TINY, images_per_prompt=2))
+
+
+def tiny_training_config(paths: dict, out_dir, **overrides):
+    """A RewardTrainingConfig that trains a small head on a tiny testbed's feedback in a few seconds."""
+    from trainer.reward_training import RewardTrainingConfig
+
+    fields = dict(
+        out_dir=str(out_dir),
         testbed=None,
         feedback=str(paths["train"]),
         heldout_feedback=str(paths["heldout"]),
         clip=str(paths["clip"]),
         hidden_sizes=(16,),
-        epochs=3,
+        epochs=4,
+        patience=2,
+        num_prompts=3,
     )
+    return RewardTrainingConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_alignment_reward(tiny_testbed, tmp_path_factory) -> str:
+    """A learned alignment reward directory, trained by `train_reward` on the tiny testbed."""
+    from trainer.reward_training import train_reward
+
+    config = tiny_training_config(tiny_testbed, tmp_path_factory.mktemp("alignment") / "reward")
     train_reward(config, progress=False)
     return config.out_dir
 

@@ -10,6 +10,7 @@ from PIL import Image
 
 from services.codec import encode_image
 from services.rewards.alignment import HeadConfig, build_head, head_logits, set_cosine_affine
+from tests.conftest import tiny_training_config
 from trainer.feedback import FeedbackError, load_feedback
 from trainer.reward_training import (
     alignment_loss,
@@ -198,38 +199,11 @@ def test_feedback_attributes_are_kept_when_complete(tmp_path):
 # --- train_reward end to end, on a tiny testbed -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_testbed(tmp_path_factory):
-    from dataclasses import replace
-
-    from tests.trainer.test_testbed import TINY
-    from trainer.testbed import build_testbed
-
-    return build_testbed(tmp_path_factory.mktemp("testbed"), replace(TINY, images_per_prompt=2))
-
-
-def _tiny_training(paths, out_dir, **overrides):
-    from trainer.reward_training import RewardTrainingConfig
-
-    fields = dict(
-        out_dir=str(out_dir),
-        testbed=None,
-        feedback=str(paths["train"]),
-        heldout_feedback=str(paths["heldout"]),
-        clip=str(paths["clip"]),
-        hidden_sizes=(16,),
-        epochs=4,
-        patience=2,
-        num_prompts=3,
-    )
-    return RewardTrainingConfig(**{**fields, **overrides})
-
-
 def test_train_reward_splits_three_ways_and_writes_a_servable_reward(tiny_testbed, tmp_path):
     from services.registry import build_reward
     from trainer.reward_training import train_reward
 
-    evaluation = train_reward(_tiny_training(tiny_testbed, tmp_path / "reward"), progress=False)
+    evaluation = train_reward(tiny_training_config(tiny_testbed, tmp_path / "reward"), progress=False)
     # The testbed's 448 prompts: 112 pretrain the CLIP, 112 are held out, 224 train; a fifth of those validate.
     assert evaluation["heldout_prompts"] == 112 and evaluation["train_prompts"] == 224
     assert evaluation["val_prompts"] == round(0.2 * 224)
@@ -262,8 +236,8 @@ def test_held_out_feedback_never_steers_training(tiny_testbed, tmp_path):
     rows = [json.loads(line) for line in heldout.read_text().splitlines()]
     flipped.write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n" for r in rows))
 
-    a = train_reward(_tiny_training(tiny_testbed, tmp_path / "a"), progress=False)
-    b = train_reward(_tiny_training(tiny_testbed, tmp_path / "b", heldout_feedback=str(flipped)), progress=False)
+    a = train_reward(tiny_training_config(tiny_testbed, tmp_path / "a"), progress=False)
+    b = train_reward(tiny_training_config(tiny_testbed, tmp_path / "b", heldout_feedback=str(flipped)), progress=False)
     assert a["best_epochs"] == b["best_epochs"]
     head_a, head_b = load_file(tmp_path / "a" / "head.safetensors"), load_file(tmp_path / "b" / "head.safetensors")
     assert head_a.keys() == head_b.keys() and all(head_a[k].equal(head_b[k]) for k in head_a)
