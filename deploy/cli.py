@@ -37,16 +37,28 @@ def serve(
     num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of the local Ray cluster it starts.")] = None,
     address: Annotated[str | None, typer.Option(help="Join a running Ray cluster ('auto') instead.")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="Override grpc_options.port of the config.")] = None,
+    wait_for_resources: Annotated[
+        bool, typer.Option(help="Skip the placement check: the cluster's autoscaler adds nodes on demand.")
+    ] = False,
 ) -> None:
-    """Start a Ray cluster (or join one) and serve every reward application of a Serve config over gRPC."""
+    """Start a Ray cluster (or join one) and serve every reward application of a Serve config over gRPC.
+
+    A config whose replicas the cluster cannot hold fails at once, naming the deployments and what they ask for."""
     from deploy.fleet import load_serve_config, start_fleet, stop_fleet
+    from deploy.placement import PlacementError
 
     serve_config = load_serve_config(config, grpc_port=grpc_port)
     stop = threading.Event()
     # SIGTERM (docker stop, kill) shuts down as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        fleet = start_fleet(serve_config, num_cpus=num_cpus, address=address)
+        try:
+            fleet = start_fleet(
+                serve_config, num_cpus=num_cpus, address=address, wait_for_resources=wait_for_resources
+            )
+        except PlacementError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
         typer.echo(f"rewardfleet serving on {fleet.grpc_target} (gRPC, reward.v1.RewardService)")
         for name in fleet.applications:
             typer.echo(f"  application: {name}")
@@ -352,10 +364,17 @@ def train(
         typer.Option(help="Start the rewards the job uses from this Serve config first; stop them after."),
     ] = None,
     verbose: Annotated[bool, typer.Option(help="Stream Ray worker and replica logs to the console.")] = False,
+    wait_for_resources: Annotated[
+        bool, typer.Option(help="Skip the placement check: the cluster's autoscaler adds nodes on demand.")
+    ] = False,
 ) -> None:
-    """Fine-tune a text-to-image model with the fleet's rewards (Ray Train: sample, score, select, train)."""
+    """Fine-tune a text-to-image model with the fleet's rewards (Ray Train: sample, score, select, train).
+
+    The job's workers (and the fleet it starts) are checked against the cluster's resources first: what cannot be
+    placed fails at once, named, instead of waiting."""
     import ray
 
+    from deploy.placement import Demand, PlacementError, check_placement, free_resources
     from trainer.config import load_finetune_config
     from trainer.finetune import improvement_summary, run_finetune
 
@@ -372,7 +391,15 @@ def train(
     def on_round(row: dict) -> None:
         typer.echo(format_rounds([row], rewards).splitlines()[1])
 
+    workers = Demand(
+        "fine-tuning workers",
+        cfg.run.num_workers,
+        {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1.0} if cfg.run.use_gpu else {})},
+    )
     try:
+        if with_fleet is None and not wait_for_resources:
+            where = "in the Ray cluster's free resources"
+            check_placement([workers], free_resources(), "the fine-tuning job's workers", where)
         if with_fleet is not None:
             from deploy.fleet import load_serve_config, start_fleet
 
@@ -382,10 +409,15 @@ def train(
             missing = sorted(set(cfg.rewards.weights) - {a["name"] for a in apps})
             if missing:
                 raise typer.BadParameter(f"{with_fleet} has no application(s) {missing}")
-            fleet = start_fleet({**serve_config, "applications": apps})
+            fleet = start_fleet(
+                {**serve_config, "applications": apps}, wait_for_resources=wait_for_resources, also_place=[workers]
+            )
             typer.echo(f"fleet up on {fleet.grpc_target}: {', '.join(fleet.applications)}")
         typer.echo(format_rounds([], rewards))  # the header; a line per round follows as the job writes it
         result = run_finetune(cfg, on_round=on_round)
+    except PlacementError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     finally:
         if fleet is not None:
             from deploy.fleet import stop_fleet

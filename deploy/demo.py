@@ -80,7 +80,9 @@ def main() -> int:
 
     # 2. The local fleet (embedded profile: CPU, weight-free / tiny models).
     t0 = time.perf_counter()
-    fleet = start_fleet(LOCAL_PROFILE, num_cpus=8)  # 4 reward replicas + 2 Train workers
+    # Default options, as `rewardfleet serve`: Ray gets one logical CPU per core, which the profile and the 2 Train
+    # workers fit on a 2-core laptop.
+    fleet = start_fleet(LOCAL_PROFILE)
     elapsed = time.perf_counter() - t0
     print(f"[demo] fleet up on {fleet.grpc_target} in {elapsed:.1f}s: {', '.join(fleet.applications)}")
     print("[demo] local profile: caption and semantic run tiny random-weight models (captions are random words),")

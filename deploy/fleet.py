@@ -80,7 +80,15 @@ def _wait_until_running(apps: tuple[str, ...], timeout_s: float) -> None:
             return
         if time.monotonic() > deadline:
             state = {a: statuses[a].status if a in statuses else "MISSING" for a in apps}
-            raise TimeoutError(f"Serve applications not running after {timeout_s}s: {state}")
+            # Serve's own word on each lagging deployment (e.g. replicas waiting for resources to be scheduled).
+            why = [
+                f"{a}/{name}: {d.message}"
+                for a in apps
+                if a in statuses
+                for name, d in statuses[a].deployments.items()
+                if d.message
+            ]
+            raise TimeoutError(f"Serve applications not running after {timeout_s}s: {state}. " + " ".join(why))
         time.sleep(0.25)
 
 
@@ -104,11 +112,18 @@ def start_fleet(
     num_cpus: int | None = None,
     address: str | None = None,
     timeout_s: float = 180.0,
+    wait_for_resources: bool = False,
+    also_place: list | None = None,
 ) -> Fleet:
     """Deploys a Serve config (dict or file) and returns when every application answers over gRPC.
 
     Starts a local Ray cluster with `num_cpus` logical CPUs unless Ray is already initialised or `address` names a
     running cluster ("auto" for the one on this machine).
+
+    Before deploying, checks that the cluster's nodes can hold every replica (deploy/placement.py), together with
+    `also_place` (placement Demands that will share the cluster, e.g. a fine-tuning job's workers), and raises
+    PlacementError naming what does not fit. `wait_for_resources` skips the check, for a cluster whose autoscaler
+    adds nodes on demand.
     """
     import ray
     from ray import serve
@@ -117,10 +132,15 @@ def start_fleet(
 
     if not isinstance(config, dict):
         config = load_yaml(config)
+    from deploy.placement import check_placement, cluster_nodes, serve_demands
+
     schema = ServeDeploySchema.model_validate(config)
-    prepare_local_artifacts(config)
     if not ray.is_initialized():
         ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    if not wait_for_resources:
+        what = "the Serve config" + (" and the fine-tuning job" if also_place else "")
+        check_placement(serve_demands(config) + list(also_place or []), cluster_nodes(), what)
+    prepare_local_artifacts(config)
     serve.start(
         proxy_location=schema.proxy_location,
         http_options=schema.http_options.model_dump(),

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 # Bump when a builder changes, so cached copies are rebuilt.
-TINY_VERSION = 4
+TINY_VERSION = 5
 # Where `save_tiny_models` writes by default; the local profile's model paths point here.
 TINY_ROOT_SPEC = "~/.cache/rewardfleet/tiny"
 TINY_ROOT = Path(TINY_ROOT_SPEC).expanduser()
@@ -131,8 +131,11 @@ def tiny_clip(seed: int = 0, image_size: int = 32):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = tiny_tokenizer()
+    # Each tower's config repeats the projection width, as in openai/clip-vit-large-patch14, so a tower loads alone
+    # from this checkpoint (CLIPTextModelWithProjection.from_pretrained reads text_config.projection_dim).
+    projection_dim = 16
     config = CLIPConfig(
-        text_config=_clip_text_config(tokenizer),
+        text_config={**_clip_text_config(tokenizer), "projection_dim": projection_dim},
         vision_config=dict(
             hidden_size=32,
             intermediate_size=37,
@@ -140,8 +143,9 @@ def tiny_clip(seed: int = 0, image_size: int = 32):
             num_attention_heads=4,
             image_size=image_size,
             patch_size=8,
+            projection_dim=projection_dim,
         ),
-        projection_dim=16,
+        projection_dim=projection_dim,
         initializer_factor=1.0,
     )
     torch.manual_seed(seed)

@@ -18,20 +18,24 @@ from services.config import apply_overrides, from_dict, load_yaml
 CONFIG_DIR = Path(__file__).parent / "configs"
 STRATEGIES = ("raft", "assemble", "weighted")
 SCHEDULERS = ("ddim", "dpm")
-DTYPES = ("fp32", "fp16", "bf16")
+# "auto": bf16 on CUDA devices that support it, fp16 on older CUDA devices, fp32 on CPU (trainer/sampling.py).
+DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # "tiny": the seeded tiny Stable Diffusion pipeline built offline (services/tiny_models.py, random weights);
-    # otherwise a hub id ("runwayml/stable-diffusion-v1-5") or a local directory in diffusers layout.
+    # otherwise a hub id ("stable-diffusion-v1-5/stable-diffusion-v1-5") or a local directory in diffusers layout.
     pretrained: str = "tiny"
     # Hub revision (branch, tag or commit) of `pretrained`; None = default branch.
     revision: str | None = None
     # Image side in pixels. The tiny pipeline is built for it; SD 1.5 was trained at 512.
     resolution: int = 32
-    # dtype of the frozen parts (VAE, text encoder, the UNet's base weights under LoRA); trained weights stay fp32.
-    dtype: str = "fp32"
+    # Precision of the frozen weights (VAE, text encoder, the UNet's base weights under LoRA) and of the compute:
+    # fp32, fp16 or bf16 (for every source, the tiny pipeline included), or auto (bf16 on CUDA devices that support
+    # it, else fp16 on CUDA, fp32 on CPU). The trained weights (LoRA adapters, or the whole UNet under method=full)
+    # stay fp32; half precision runs the forward under torch.autocast, and fp16 adds loss scaling (GradScaler).
+    dtype: str = "auto"
     # Seed of the tiny pipeline's random weights (ignored for real checkpoints).
     tiny_seed: int = 0
 
@@ -57,12 +61,15 @@ class SamplingConfig:
     # Prompts per sampling batch (a batch is prompts_per_batch * K images). Each batch is scored while the next one
     # is sampled.
     prompts_per_batch: int = 2
+    # Images per VAE decode call: the decoder's activations dominate sampling memory (decoding 40 images of 512 px in
+    # one call took about 12 GB), so each batch of prompts_per_batch * K images is decoded this many at a time.
+    decode_batch_size: int = 8
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"sampling.scheduler must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
-        if min(self.steps, self.samples_per_prompt, self.prompts_per_batch) < 1:
-            raise ValueError("sampling.steps, samples_per_prompt and prompts_per_batch must be >= 1")
+        if min(self.steps, self.samples_per_prompt, self.prompts_per_batch, self.decode_batch_size) < 1:
+            raise ValueError("sampling.steps, samples_per_prompt, prompts_per_batch, decode_batch_size must be >= 1")
 
 
 @dataclass(frozen=True)

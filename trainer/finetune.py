@@ -12,9 +12,10 @@ A `TorchTrainer` runs `train_loop_per_worker` on `run.num_workers` workers. Ever
 3. gathers every worker's scores and selects/weights samples (raft, assemble or weighted; trainer/selection.py),
    identically on every worker;
 4. fine-tunes the UNet (LoRA adapters or all weights, DDP) with the per-sample weighted denoising loss
-   (+ beta * denoising loss on pre-training pairs; trainer/losses.py);
-5. rank 0 writes a checkpoint (LoRA weights in diffusers' format, optimizer, next round, RNG state, metric
-   history) and every worker calls `ray.train.report`.
+   (+ beta * denoising loss on pre-training pairs; trainer/losses.py), in model.dtype mixed precision
+   (`train_step`: fp32 trained weights, autocast, loss scaling for fp16);
+5. rank 0 writes a checkpoint (LoRA weights in diffusers' format, optimizer, loss scaler, next round, RNG state,
+   metric history) and every worker calls `ray.train.report`.
 
 After the last round the held-out prompts are sampled once more, so the metrics hold rounds 0..R of evaluation:
 round r is the model after r rounds of training, and round 0 is the base model.
@@ -48,6 +49,8 @@ from trainer.prompts import generate_prompts, load_prompts, split_train_eval
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+# GradScaler state (loss scale, growth tracker); empty unless model.dtype is fp16.
+SCALER_FILE = "grad_scaler.pt"
 RNG_FILE = "rng.pt"
 LORA_DIR = "lora"
 UNET_DIR = "unet"
@@ -159,22 +162,135 @@ def plot_reward_curve(rows: list[dict], rewards: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+# --- The model under training and one optimizer step (mixed precision) -----------------------------------------
+
+
+@dataclass
+class TrainingSetup:
+    """The pipeline being fine-tuned and what trains it; built by `setup_training` for the job and the tests."""
+
+    pipe: Any
+    # The trainable parameters (fp32): LoRA adapters, or every UNet weight under method=full.
+    params: list
+    optimizer: Any
+    # torch.amp.GradScaler, enabled for fp16 only (bf16 has fp32's exponent range: its gradients do not underflow).
+    scaler: Any
+    # DDPMScheduler of the pipeline's noise schedule (the training objective's forward process).
+    noise_scheduler: Any
+    # The frozen weights' and the autocast compute dtype (model.dtype resolved for the device).
+    dtype: Any
+
+
+def setup_training(config: FinetuneConfig, device="cpu") -> TrainingSetup:
+    """Loads the pipeline in model.dtype, adds the trainable fp32 parameters, and builds AdamW and the GradScaler.
+
+    Mixed precision as diffusers' training scripts do it: frozen weights in model.dtype, trained ones in fp32, the
+    forward under autocast (train_step), and loss scaling for fp16.
+    """
+    import torch
+    from diffusers import DDPMScheduler
+
+    from trainer.sampling import add_lora, load_pipeline, resolve_dtype, set_scheduler
+
+    optim = config.optim
+    dtype = resolve_dtype(config.model.dtype, device)
+    torch.manual_seed(config.run.seed)  # identical LoRA init on every worker (DDP also broadcasts rank 0's)
+    pipe = load_pipeline(config.model, device)
+    set_scheduler(pipe, config.sampling)
+    params = add_lora(pipe.unet, optim)
+    return TrainingSetup(
+        pipe=pipe,
+        params=params,
+        optimizer=torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay),
+        scaler=torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16),
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        dtype=dtype,
+    )
+
+
+@dataclass
+class DenoisingBatch:
+    """Inputs of the denoising loss for B samples."""
+
+    # (B, C, h, w) clean latents, scaled as the UNet sees them (fp32).
+    latents: Any
+    # (B, L, D) text-encoder states (model.dtype).
+    cond: Any
+    # (B, C, h, w) Gaussian noise.
+    noise: Any
+    # (B,) integer timesteps.
+    timesteps: Any
+
+
+def encode_prompts(pipe, prompts: list[str], cache: dict):
+    """(B, L, D) text-encoder states of `prompts`; the encoder is frozen, so each distinct prompt is encoded once."""
+    import torch
+
+    missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+    if missing:
+        with torch.no_grad():
+            embeds, _ = pipe.encode_prompt(missing, pipe.device, 1, do_classifier_free_guidance=False)
+        cache.update(zip(missing, embeds, strict=True))
+    return torch.stack([cache[p] for p in prompts])
+
+
+def train_step(setup: TrainingSetup, model, batch: DenoisingBatch, weights, optim, pretrain=None) -> float:
+    """One optimizer step on the reward-weighted denoising loss (+ beta * the pre-training pairs' loss); returns it.
+
+    model: setup.pipe.unet or its DDP wrapper; weights: (B,) per-sample loss weights; optim: OptimConfig;
+    pretrain: a DenoisingBatch of pre-training pairs when optim.beta > 0.
+    """
+    import torch
+
+    from trainer.losses import denoising_loss_per_sample, reward_weighted_loss
+    from trainer.sampling import autocast
+
+    def losses(b: DenoisingBatch):  # (B,) fp32
+        with autocast(setup.pipe.device, setup.dtype):
+            return denoising_loss_per_sample(model, setup.noise_scheduler, b.latents, b.cond, b.noise, b.timesteps)
+
+    # 1. Forward: every layer computes in model.dtype; the fp32 trained weights are cast per op by autocast.
+    setup.optimizer.zero_grad(set_to_none=True)
+    model_losses = losses(batch)
+    pre_losses = losses(pretrain) if pretrain is not None else None
+    loss = reward_weighted_loss(model_losses, weights, pre_losses, optim.beta)
+    # 2. Backward of the scaled loss (fp16: small gradients would flush to zero in the half activations' backward;
+    # a disabled scaler passes the loss through).
+    setup.scaler.scale(loss).backward()
+    # 3. Unscale before clipping, so max_grad_norm applies to the true gradients.
+    setup.scaler.unscale_(setup.optimizer)
+    torch.nn.utils.clip_grad_norm_(setup.params, optim.max_grad_norm)
+    # 4. Step, unless the scaled gradients overflowed (the scaler then skips it and lowers the scale).
+    setup.scaler.step(setup.optimizer)
+    setup.scaler.update()
+    return loss.item()
+
+
 # --- The worker ------------------------------------------------------------------------------------------------
 
 
-def _load_checkpoint(directory: Path, unet, optimizer, method: str, rank: int) -> dict:
+def _load_checkpoint(directory: Path, setup: TrainingSetup, method: str, rank: int) -> dict:
+    """Loads a checkpoint into `setup` (its tensors onto the setup's device, wherever they were saved from) and
+    restores this rank's RNG state; returns the job state."""
     import torch
 
     from trainer.sampling import load_lora_into
 
+    unet, device = setup.pipe.unet, setup.pipe.device
     if method == "lora":
         load_lora_into(unet, directory / LORA_DIR)
     else:
         from diffusers import UNet2DConditionModel
 
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(directory / UNET_DIR).state_dict())
-    optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, weights_only=False))
-    rng = torch.load(directory / RNG_FILE, weights_only=False)
+    # Without map_location every worker would load the optimizer state onto the device it was saved from (cuda:0).
+    setup.optimizer.load_state_dict(torch.load(directory / OPTIMIZER_FILE, map_location=device, weights_only=False))
+    scaler_path = directory / SCALER_FILE
+    if setup.scaler.is_enabled() and scaler_path.exists():
+        state = torch.load(scaler_path, map_location="cpu", weights_only=False)
+        if state:  # empty when saved by a run without loss scaling (fp32 / bf16)
+            setup.scaler.load_state_dict(state)
+    rng = torch.load(directory / RNG_FILE, map_location="cpu", weights_only=False)  # set_rng_state wants CPU
     if rank < len(rng):
         random.setstate(rng[rank]["python"])
         np.random.set_state(rng[rank]["numpy"])
@@ -182,16 +298,17 @@ def _load_checkpoint(directory: Path, unet, optimizer, method: str, rank: int) -
     return json.loads((directory / STATE_FILE).read_text())
 
 
-def _write_checkpoint(directory: Path, unet, optimizer, method: str, state: dict, rng_states: list) -> None:
+def _write_checkpoint(directory: Path, setup: TrainingSetup, method: str, state: dict, rng_states: list) -> None:
     import torch
 
     from trainer.sampling import save_lora
 
     if method == "lora":
-        save_lora(unet, directory / LORA_DIR)
+        save_lora(setup.pipe.unet, directory / LORA_DIR)
     else:
-        unet.save_pretrained(directory / UNET_DIR)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+        setup.pipe.unet.save_pretrained(directory / UNET_DIR)
+    torch.save(setup.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    torch.save(setup.scaler.state_dict(), directory / SCALER_FILE)
     torch.save(rng_states, directory / RNG_FILE)
     (directory / STATE_FILE).write_text(json.dumps(state))
 
@@ -229,9 +346,7 @@ class _Worker:
         import ray.train
         import ray.train.torch
         import torch
-        from diffusers import DDPMScheduler
 
-        from trainer.sampling import add_lora, load_pipeline, set_scheduler
         from trainer.scoring import BackgroundScorer
 
         self.config = config
@@ -245,12 +360,8 @@ class _Worker:
         self.rewards = list(config.rewards.weights)
 
         # The pipeline; only the UNet's adapters (or the whole UNet) train.
-        torch.manual_seed(run.seed)  # identical LoRA init on every worker (DDP also broadcasts rank 0's)
-        self.pipe = load_pipeline(config.model, self.device)
-        set_scheduler(self.pipe, config.sampling)
-        self.params = add_lora(self.pipe.unet, optim)
-        self.optimizer = torch.optim.AdamW(self.params, lr=optim.lr, weight_decay=optim.weight_decay)
-        self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.setup = setup_training(config, self.device)
+        self.pipe = self.setup.pipe
         self.train_prompts, self.eval_prompts = resolve_prompts(config.prompts, run.seed)
         self.my_train = list(range(self.rank, len(self.train_prompts), self.world))  # this worker's prompt indices
         self.my_eval = list(range(self.rank, len(self.eval_prompts), self.world))
@@ -262,7 +373,7 @@ class _Worker:
             checkpoint = ray.train.Checkpoint(run.resume_from)
         if checkpoint is not None:
             with checkpoint.as_directory() as directory:
-                self.state = _load_checkpoint(Path(directory), self.pipe.unet, self.optimizer, optim.method, self.rank)
+                self.state = _load_checkpoint(Path(directory), self.setup, optim.method, self.rank)
         self.state["starts"] += 1
         # DDP wrapper for training; sampling goes through self.pipe.unet, the same parameters.
         self.unet = ray.train.torch.prepare_model(self.pipe.unet) if self.world > 1 else self.pipe.unet
@@ -377,7 +488,6 @@ class _Worker:
         each on its slice of one shared shuffle of the picks."""
         import torch
 
-        from trainer.losses import denoising_loss_per_sample, reward_weighted_loss
         from trainer.sampling import STREAM_TIMESTEPS, sample_seed
 
         run, optim, k = self.config.run, self.config.optim, self.config.sampling.samples_per_prompt
@@ -393,45 +503,32 @@ class _Worker:
         order = np.concatenate([order_rng.permutation(len(items)) for _ in range(optim.epochs_per_round)])
         steps = max(1, math.ceil(len(order) / (self.world * optim.batch_size)))
         generator = torch.Generator(device="cpu").manual_seed(sample_seed(run.seed, STREAM_TIMESTEPS, rnd, self.rank))
-        timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = self.setup.noise_scheduler.config.num_train_timesteps
         losses = []
         self.pipe.unet.train()
         for step in range(steps):
             first = (step * self.world + self.rank) * optim.batch_size
             batch = [items[order[(first + b) % len(order)]] for b in range(optim.batch_size)]
-            x0 = torch.stack([b[0] for b in batch]).to(self.device)  # (B, C, h, w)
-            cond = self._encode_prompts([b[1] for b in batch])  # (B, L, D)
+            x0 = torch.stack([b[0] for b in batch]).to(self.device)  # (B, C, h, w) fp32
             weights = torch.tensor([b[2] for b in batch], device=self.device)  # (B,)
-            noise = torch.randn(x0.shape, generator=generator).to(self.device)
-            t = torch.randint(0, timesteps, (len(batch),), generator=generator).to(self.device)
-            model_losses = denoising_loss_per_sample(self.unet, self.noise_scheduler, x0, cond, noise, t)  # (B,)
-            pre_losses = None
+            noise = torch.randn(x0.shape, generator=generator).to(self.device)  # (B, C, h, w)
+            t = torch.randint(0, timesteps, (len(batch),), generator=generator).to(self.device)  # (B,)
+            samples = DenoisingBatch(x0, self._encode_prompts([b[1] for b in batch]), noise, t)
+            pretrain = None
             if self.pretrain_latents is not None:
                 idx = torch.randint(0, len(self.pretrain_latents), (optim.batch_size,), generator=generator)
-                px0 = self.pretrain_latents[idx].to(self.device)
+                px0 = self.pretrain_latents[idx].to(self.device)  # (B, C, h, w)
                 pcond = self._encode_prompts([self.pretrain_prompts[i] for i in idx.tolist()])
                 pnoise = torch.randn(px0.shape, generator=generator).to(self.device)
                 pt = torch.randint(0, timesteps, (len(idx),), generator=generator).to(self.device)
-                pre_losses = denoising_loss_per_sample(self.unet, self.noise_scheduler, px0, pcond, pnoise, pt)
-            loss = reward_weighted_loss(model_losses, weights, pre_losses, optim.beta)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, optim.max_grad_norm)
-            self.optimizer.step()
-            losses.append(loss.item())
+                pretrain = DenoisingBatch(px0, pcond, pnoise, pt)
+            losses.append(train_step(self.setup, self.unet, samples, weights, optim, pretrain))
         self.pipe.unet.eval()
         return float(np.mean(losses))
 
     def _encode_prompts(self, prompts: list[str]):
-        """(B, L, D) text-encoder states of `prompts` (the encoder is frozen: each distinct prompt is encoded once)."""
-        import torch
-
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.embed_cache]
-        if missing:
-            with torch.no_grad():
-                embeds, _ = self.pipe.encode_prompt(missing, self.device, 1, do_classifier_free_guidance=False)
-            self.embed_cache.update(zip(missing, embeds, strict=True))
-        return torch.stack([self.embed_cache[p] for p in prompts])
+        """(B, L, D) text-encoder states of `prompts`."""
+        return encode_prompts(self.pipe, prompts, self.embed_cache)
 
     # 6. Metrics, checkpoint, report.
     def _metrics(self, rnd: int, final: bool, scores: dict, picks: list, loss: float, timings: list[dict]) -> dict:
@@ -498,7 +595,7 @@ class _Worker:
             checkpoint = None
             if self.is_main and not final:
                 method = self.config.optim.method
-                _write_checkpoint(Path(tmp), self.pipe.unet, self.optimizer, method, self.state, rng_states)
+                _write_checkpoint(Path(tmp), self.setup, method, self.state, rng_states)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({k: v for k, v in row.items() if isinstance(v, int | float)}, checkpoint=checkpoint)
         if not final:

@@ -28,25 +28,62 @@ def sample_seed(*key: int) -> int:
 
 
 def torch_dtype(name: str):
+    """The torch dtype of an explicit model.dtype (fp32, fp16, bf16)."""
     import torch
 
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+def resolve_dtype(name: str, device="cpu"):
+    """The torch dtype of model.dtype on `device`; auto: bf16 on CUDA devices with native bf16, fp16 on older CUDA
+    devices (trained with loss scaling), fp32 elsewhere (CPU autocast is slow and gains nothing)."""
+    import torch
+
+    if name != "auto":
+        return torch_dtype(name)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    # Without native bf16 (before Ampere) torch emulates it: slower than fp16.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
+def autocast(device, dtype):
+    """torch.autocast to `dtype` on `device`'s type for half dtypes; a no-op context for fp32."""
+    import contextlib
+
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _cast(module, dtype) -> None:
+    import torch
+
+    # nn.Module.to, not diffusers' ModelMixin.to: the latter warns about fp32-only modules even when there are none.
+    torch.nn.Module.to(module, dtype=dtype)
+
+
 def load_pipeline(config: ModelConfig, device="cpu"):
-    """The text-to-image pipeline: the tiny seeded one, or StableDiffusionPipeline.from_pretrained(hub id or path)."""
+    """The text-to-image pipeline, in `config.dtype` (resolved for `device`) for every source: the tiny seeded one,
+    or StableDiffusionPipeline.from_pretrained(hub id or path)."""
     from diffusers import StableDiffusionPipeline
 
+    dtype = resolve_dtype(config.dtype, device)
     if config.pretrained == "tiny":
         from services.tiny_models import tiny_stable_diffusion
 
-        pipe = tiny_stable_diffusion(config.tiny_seed, config.resolution)
+        pipe = tiny_stable_diffusion(config.tiny_seed, config.resolution)  # built in fp32
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            _cast(module, dtype)
     else:
         source = resolve_model_source(config.pretrained, "model.pretrained")
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
             revision=config.revision,
-            torch_dtype=torch_dtype(config.dtype),
+            torch_dtype=dtype,
             safety_checker=None,
             requires_safety_checker=False,
         )
@@ -74,8 +111,9 @@ def add_lora(unet, config: OptimConfig) -> list:
     from peft import LoraConfig
 
     if config.method == "full":
+        # Trained weights are fp32 whatever model.dtype is (the optimizer's updates would round away in half).
         unet.requires_grad_(True)
-        unet.to(torch.float32)
+        _cast(unet, torch.float32)
         return [p for p in unet.parameters()]
     unet.requires_grad_(False)
     unet.add_adapter(
@@ -87,7 +125,7 @@ def add_lora(unet, config: OptimConfig) -> list:
         )
     )
     params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # adapters train in fp32 even when the base weights are fp16
+    for p in params:  # adapters train in fp32 even when the base weights are half (diffusers' cast_training_params)
         p.data = p.data.to(torch.float32)
     if not params:
         raise ValueError(f"optim.lora_targets {list(config.lora_targets)} matched no module of the UNet")
@@ -153,7 +191,8 @@ class Samples:
 def sample_images(pipe, prompts: list[str], seeds: list[int], config: SamplingConfig, resolution: int) -> Samples:
     """One image per (prompt, seed) pair; the same seed and weights give the same image.
 
-    Each image gets its own torch Generator, so an image does not depend on what else is in the batch.
+    Each image gets its own torch Generator, so an image does not depend on what else is in the batch. The latents
+    are decoded `config.decode_batch_size` images at a time.
     """
     import torch
 
@@ -166,7 +205,10 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], config: SamplingCo
     shape = (channels, resolution // scale, resolution // scale)
     # Initial noise drawn on CPU from each image's generator: identical on CPU and GPU workers.
     noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # (N, C, h, w)
-    with torch.no_grad():
+    vae = pipe.vae
+    # The frozen parts are in model.dtype; trained weights are fp32 (the whole UNet under method=full). Autocast
+    # runs every layer in model.dtype whatever its weights' dtype, as the training forward does.
+    with torch.no_grad(), autocast(device, vae.dtype):
         latents = pipe(
             prompt=prompts,
             height=resolution,
@@ -178,7 +220,11 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], config: SamplingCo
             generator=generators if config.eta > 0 else None,
             output_type="latent",
         ).images  # (N, C, h, w)
-        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-    images = pipe.image_processor.postprocess(decoded.float(), output_type="np")  # (N, H, W, 3) float in [0, 1]
+        chunks = []
+        for start in range(0, len(latents), config.decode_batch_size):
+            chunk = latents[start : start + config.decode_batch_size].to(vae.dtype) / vae.config.scaling_factor
+            decoded = vae.decode(chunk).sample  # (n, 3, H, W) in [-1, 1]
+            chunks.append(pipe.image_processor.postprocess(decoded.float(), output_type="np"))  # (n, H, W, 3)
+    images = np.concatenate(chunks)  # (N, H, W, 3) float in [0, 1]
     images = (images * 255).round().clip(0, 255).astype(np.uint8)
     return Samples(images=images, latents=latents.float().cpu(), prompts=list(prompts))

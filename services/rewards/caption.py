@@ -1,14 +1,16 @@
 """Caption reward (FineRewards, Fang et al. 2023).
 
 BLIP-2 captions the image; the reward is the cosine similarity between the caption and the prompt in a text-embedding
-space: the CLIP text tower (the paper's choice, `openai/clip-vit-large-patch14`, optionally with a replacement state
-dict such as HPS v1 weights) or a sentence-transformers model (e.g. all-MiniLM-L6-v2).
+space: the CLIP text tower (the paper's choice, `openai/clip-vit-large-patch14`, optionally with replacement weights
+such as HPS v1's `hpc.pt` or HPS v2's open_clip checkpoint, converted on load by `services.clip_checkpoints`) or a
+sentence-transformers model (e.g. all-MiniLM-L6-v2).
 
 Score: cosine similarity, range [-1, 1]; higher means the caption says what the prompt says. In practice
 sentence-transformers scores unrelated English texts near 0 and paraphrases above about 0.6, while CLIP's text space
 is compressed upwards (unrelated captions score about 0.5-0.7). Compare scores from one encoder only. The response
 carries the caption and `components["similarity"]`, so a user can see why an image scored as it did.
 Deterministic: greedy or beam search, no sampling.
+The captioner loads in `dtype` except the modules transformers keeps in float32 (BLIP-2's Q-Former and query tokens).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -36,8 +37,9 @@ class TextEncoderConfig:
     source: str = "openai/clip-vit-large-patch14"
     # Hub revision (branch, tag or commit); None for the default.
     revision: str | None = None
-    # CLIP only: a replacement state dict (.safetensors or torch .pt/.bin) in transformers'
-    # CLIPTextModelWithProjection keys, e.g. HPS v1 weights converted to that format.
+    # CLIP only: replacement weights (.safetensors or torch .pt/.bin) for the tower built from `source`, whose config
+    # gives the widths: transformers CLIP keys, or an OpenAI-CLIP / open_clip checkpoint (HPS v1 `hpc.pt`, HPS v2
+    # `HPS_v2*_compressed.pt`), possibly wrapped ({'state_dict': ...}) and `module.`-prefixed; format detected.
     state_dict: str | None = None
 
     def __post_init__(self):
@@ -96,7 +98,8 @@ class Caption(Reward):
         """`captioner`/`processor`/`text_encoder` inject already-built modules (tests); else `load` builds them.
 
         `text_encoder` is a CLIPTextModelWithProjection paired with `text_tokenizer`, or a SentenceTransformer,
-        matching `config.text_encoder.kind`; pass it as a (model, tokenizer) tuple for CLIP.
+        matching `config.text_encoder.kind`; pass it as a (model, tokenizer) tuple for CLIP. Injected modules keep
+        their dtype (build them in `config.dtype`); `load` only moves them to the device.
         """
         super().__init__(config)
         self.model, self.processor, self.text = captioner, processor, text_encoder
@@ -116,12 +119,14 @@ class Caption(Reward):
             source = _resolve(cfg.captioner)
             try:
                 self.processor = Blip2Processor.from_pretrained(source, revision=cfg.captioner_revision)
+                # from_pretrained keeps the class's `_keep_in_fp32_modules` (Q-Former, query tokens) in float32;
+                # a later `.to(dtype)` would undo that, so the model is only moved below.
                 self.model = Blip2ForConditionalGeneration.from_pretrained(
                     source, revision=cfg.captioner_revision, dtype=self.dtype
                 )
             except (OSError, ValueError) as e:
                 raise _load_error("BLIP-2 captioner", cfg.captioner, e) from None
-        self.model = self.model.to(device=device, dtype=self.dtype).eval()
+        self.model = self.model.to(device).eval()
         if self.text is None:
             self.text = self._load_text_encoder(device)
         elif cfg.text_encoder.kind == "clip":
@@ -144,21 +149,19 @@ class Caption(Reward):
         except (OSError, ValueError) as e:
             raise _load_error(f"{enc.kind} text encoder", enc.source, e) from None
         if enc.state_dict is not None:
-            model.load_state_dict(self._read_state_dict(enc.state_dict))
+            from services.clip_checkpoints import load_strict, read_checkpoint, to_transformers
+
+            path = str(Path(enc.state_dict).expanduser())
+            if not Path(path).exists():
+                raise FileNotFoundError(f"caption reward: text_encoder.state_dict {path!r} does not exist")
+            try:
+                load_strict(model, to_transformers(read_checkpoint(path)))
+            except ValueError as e:
+                raise ValueError(
+                    f"caption reward: text_encoder.state_dict {path!r} does not fit the CLIP text tower of "
+                    f"{enc.source!r}: {e}"
+                ) from None
         return model.to(device).eval(), tokenizer
-
-    @staticmethod
-    def _read_state_dict(path: str) -> dict[str, Any]:
-        import torch
-
-        path = str(Path(path).expanduser())
-        if not Path(path).exists():
-            raise FileNotFoundError(f"caption reward: text_encoder.state_dict {path!r} does not exist")
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
 
     # --- scoring ------------------------------------------------------------------------------------------------
 

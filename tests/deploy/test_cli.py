@@ -107,6 +107,47 @@ def test_serve_command_serves_until_ctrl_c_then_shuts_down(tmp_path, example_ima
 
 
 @pytest.mark.integration
+@pytest.mark.slow
+def test_serve_starts_the_whole_local_profile_on_2_cpus(tmp_path, example_images, tiny_alignment_reward):
+    """`rewardfleet serve` as on a 2-core laptop (Ray's default is one logical CPU per core): every application of
+    the local profile reaches ready and scores. The profile is the embedded one, except for the alignment reward's
+    directory (the profile's own is trained for minutes on first use; the tests serve a tiny one)."""
+    port = free_port()
+    serve_config = load_serve_config(LOCAL_PROFILE, grpc_port=port, http_port=free_port())
+    alignment = next(a for a in serve_config["applications"] if a["name"] == "alignment")
+    alignment["args"]["reward_config"]["model_dir"] = tiny_alignment_reward
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump(serve_config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "serve", "--config", str(config), "--num-cpus", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 240
+        lines = []
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "Ctrl-C to stop" in line or proc.poll() is not None:
+                break
+        assert any(f"serving on 127.0.0.1:{port}" in x for x in lines), "".join(lines)
+        image = example_images[2].read_bytes()
+        for app_config in serve_config["applications"]:
+            (result,) = RewardClient(f"127.0.0.1:{port}", app_config["name"]).score([image], "a red disc")
+            assert result.ok, (app_config["name"], result.error_code, result.error_message)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.integration
 def test_status_lists_every_application_with_replicas_and_a_describe_round_trip(fleet):
     result = runner.invoke(app, ["status", "--output", "json"])
     assert result.exit_code == 0, result.output

@@ -107,6 +107,22 @@ def test_clip_replacement_state_dict_is_loaded(tiny_paths, tmp_path):
     assert not np.allclose(base.embed(texts).numpy(), expected, atol=1e-3)
 
 
+def test_float16_captioner_keeps_the_q_former_in_float32(tiny_paths, rng):
+    import torch
+
+    # transformers keeps these modules in float32 when loading in float16 (the Q-Former is unstable in half
+    # precision); a `.to(dtype)` after from_pretrained would cast them too.
+    reward = _caption(tiny_paths, dtype="float16")
+    model = reward.model
+    assert {"qformer", "query_tokens"} <= set(type(model)._keep_in_fp32_modules)
+    assert model.query_tokens.dtype == torch.float32
+    assert {p.dtype for p in model.qformer.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.language_model.parameters()} == {torch.float16}
+    assert {p.dtype for p in model.vision_model.parameters()} == {torch.float16}
+    outputs = reward.score(random_images(rng, 2), ["a red cube"] * 2)
+    assert all(o.caption and -1.0 <= o.reward <= 1.0 for o in outputs)
+
+
 def test_injected_modules_give_the_same_scores_as_loading_from_disk(tiny_paths, minilm_reward, rng):
     from sentence_transformers import SentenceTransformer
 

@@ -35,3 +35,19 @@ def test_overrides_and_unknown_keys():
         load_finetune_config(None, ["optim.beta=0.5"])
     with pytest.raises(ValueError, match="select_by"):
         load_finetune_config(None, ["rewards.select_by=caption"])
+
+
+def test_precision_and_decode_fields():
+    default = load_finetune_config(None, ["model.dtype=auto"])
+    assert FinetuneConfig().model.dtype == "auto" and default.model.dtype == "auto"
+    with pytest.raises(ValueError, match=r"model.dtype must be one of \['auto', 'fp32', 'fp16', 'bf16'\]"):
+        load_finetune_config(None, ["model.dtype=float16"])
+    assert load_finetune_config(None, ["sampling.decode_batch_size=3"]).sampling.decode_batch_size == 3
+    with pytest.raises(ValueError, match="decode_batch_size must be >= 1"):
+        load_finetune_config(None, ["sampling.decode_batch_size=0"])
+    cluster = load_finetune_config(CONFIG_DIR / "cluster.yaml")
+    # runwayml/stable-diffusion-v1-5 was deleted from the hub in 2024; this is its maintained copy.
+    assert cluster.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cluster.model.dtype == "auto"
+    k = cluster.sampling.samples_per_prompt
+    assert cluster.sampling.decode_batch_size < cluster.sampling.prompts_per_batch * k
