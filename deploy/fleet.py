@@ -92,18 +92,20 @@ def _wait_until_running(apps: tuple[str, ...], timeout_s: float) -> None:
         time.sleep(0.25)
 
 
-def prepare_local_artifacts(config: dict[str, Any]) -> None:
+def prepare_local_artifacts(config: dict[str, Any], progress: bool = False) -> None:
     """Builds the seeded local-profile models a config points at, once: tiny models, the testbed alignment reward.
 
     Both are deterministic functions of a seed, so every node builds the same weights; later starts find them cached.
+    `progress`: one progress bar for the testbed reward's first-use training (a few minutes on 2 cores).
     """
     from services.tiny_models import TINY_ROOT_SPEC, save_tiny_models
     from trainer.reward_training import TESTBED_REWARD_SPEC, ensure_testbed_reward
 
     text = json.dumps([app.get("args", {}) for app in config.get("applications", [])])
-    for spec, build in ((TINY_ROOT_SPEC, save_tiny_models), (TESTBED_REWARD_SPEC, ensure_testbed_reward)):
-        if spec in text or str(Path(spec).expanduser()) in text:
-            build()
+    if TINY_ROOT_SPEC in text or str(Path(TINY_ROOT_SPEC).expanduser()) in text:
+        save_tiny_models()
+    if TESTBED_REWARD_SPEC in text or str(Path(TESTBED_REWARD_SPEC).expanduser()) in text:
+        ensure_testbed_reward(progress=progress)
 
 
 def start_fleet(

@@ -2,18 +2,24 @@
 
 A reward is built from its frozen config dataclass (cheap, no heavy imports), then `load(device)` does the heavy
 setup once (weights, processors), then `score(images, prompts)` scores a batch. Images are the canonical
-(H, W, 3) uint8 RGB arrays of `services.codec`. Rewards that take models can also be built from already-constructed
+(H, W, 3) uint8 RGB arrays of `services.codec`, read-only: a raw image is a view of the request's bytes, never
+copied, so a reward must not write to it. Rewards that take models can also be built from already-constructed
 modules, so tests inject tiny seeded models.
 """
 
 from __future__ import annotations
 
 import abc
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+
+# Hugging Face image processors wrap their input with torch.from_numpy, which warns once per process about read-only
+# arrays (the canonical images above) although the processors only read them and write their own float tensors.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
 
 
 @dataclass

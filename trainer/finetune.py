@@ -544,6 +544,8 @@ class _Worker:
             row[f"time/{key}"] = float(np.mean([t[key] for t in timings]))
         row["time/wait_fraction"] = float(np.mean([t["wait_s"] / t["round_s"] for t in timings]))
         row["time/wait_fraction_max"] = float(max(t["wait_s"] / t["round_s"] for t in timings))
+        if "max_memory_gib" in timings[0]:
+            row["gpu/max_memory_gib"] = float(max(t["max_memory_gib"] for t in timings))
         row["attempt"] = self.state["starts"]
         return row
 
@@ -579,9 +581,10 @@ class _Worker:
 
         # 6. Metrics (every worker's timings), checkpoint (rank 0), report (every worker).
         round_s = time.perf_counter() - round_start
-        timings = _all_gather(
-            {"sample_s": out["sample_s"], "wait_s": self.scorer.wait_s, "train_s": train_s, "round_s": round_s}
-        )
+        timing = {"sample_s": out["sample_s"], "wait_s": self.scorer.wait_s, "train_s": train_s, "round_s": round_s}
+        if self.device.type == "cuda":  # the worker's peak so far: sampling, VAE decode and training
+            timing["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        timings = _all_gather(timing)
         eval_images = _all_gather((self.my_eval, np.concatenate(out["images"]["eval"]) if self.my_eval else None))
         if self.state["base_eval"] is None:
             self.state["base_eval"] = {n: scores["eval"][n].tolist() for n in self.rewards}

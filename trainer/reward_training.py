@@ -333,7 +333,7 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
 
     # 1. Data, split by prompt three ways: train (fits the head), val (early stopping), held-out (evaluation only).
     if config.testbed is not None:
-        paths = build_testbed_once(config.testbed, config.seed)
+        paths = build_testbed_once(config.testbed, config.seed, progress)
         clip_source, train_path, heldout_path = str(paths["clip"]), paths["train"], paths["heldout"]
     else:
         clip_source, train_path, heldout_path = config.clip, config.feedback, config.heldout_feedback
@@ -419,7 +419,7 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
     return evaluation
 
 
-def build_testbed_once(root: str | Path, seed: int) -> dict[str, Path]:
+def build_testbed_once(root: str | Path, seed: int, progress: bool = True) -> dict[str, Path]:
     """The testbed under `root`, built on first use and rebuilt when its config (seed, defaults) or vocabulary changed.
 
     The marker file records the config and attribute values of the finished build, and its paths.
@@ -433,7 +433,7 @@ def build_testbed_once(root: str | Path, seed: int) -> dict[str, Path]:
         built = json.loads(marker.read_text())
         if built.get("config") == config:
             return {k: root / v for k, v in built["paths"].items()}
-    paths = build_testbed(root, TestbedConfig(seed=seed))
+    paths = build_testbed(root, TestbedConfig(seed=seed), progress=progress)
     relative = {k: str(Path(v).relative_to(root)) for k, v in paths.items()}
     marker.write_text(json.dumps({"config": config, "paths": relative}))
     return {k: Path(v) for k, v in paths.items()}
@@ -479,8 +479,10 @@ TESTBED_REWARD_SPEC = "~/.cache/rewardfleet/alignment_testbed"
 TESTBED_REWARD_VERSION = 3
 
 
-def ensure_testbed_reward(root: str | Path = TESTBED_REWARD_SPEC) -> Path:
-    """The alignment reward trained on the synthetic testbed under `root`/reward, trained if missing or stale."""
+def ensure_testbed_reward(root: str | Path = TESTBED_REWARD_SPEC, progress: bool = False) -> Path:
+    """The alignment reward trained on the synthetic testbed under `root`/reward, trained if missing or stale.
+
+    `progress` shows one bar, for the stand-in CLIP's pretraining (most of the few minutes it takes)."""
     root = Path(root).expanduser()
     reward_dir = root / "reward"
     marker = root / "version.json"
@@ -489,6 +491,8 @@ def ensure_testbed_reward(root: str | Path = TESTBED_REWARD_SPEC) -> Path:
         return reward_dir
     if root.exists():
         shutil.rmtree(root)
-    train_reward(RewardTrainingConfig(out_dir=str(reward_dir), testbed=str(root / "testbed")), progress=False)
+    config = RewardTrainingConfig(out_dir=str(reward_dir), testbed=str(root / "testbed"))
+    build_testbed_once(config.testbed, config.seed, progress)  # train_reward finds it built
+    train_reward(config, progress=False)
     marker.write_text(json.dumps(stamp))
     return reward_dir

@@ -460,7 +460,7 @@ def _retrieval_top1(model, processor, prompts: list[dict], config: TestbedConfig
     return hits / (batch * RETRIEVAL_BATCHES)
 
 
-def pretrain_clip(prompts: list[dict], config: TestbedConfig, out_dir: str | Path) -> Path:
+def pretrain_clip(prompts: list[dict], config: TestbedConfig, out_dir: str | Path, progress: bool = True) -> Path:
     """Pretrains the stand-in CLIP on rendered pairs of `prompts` and saves it (model + processor) into `out_dir`.
 
     Symmetric InfoNCE as in CLIP, with one change: a batch can hold several pairs of the same prompt, and those are
@@ -520,7 +520,7 @@ def pretrain_clip(prompts: list[dict], config: TestbedConfig, out_dir: str | Pat
     schedulers = [torch.optim.lr_scheduler.LambdaLR(optimizer, schedule) for optimizer in optimizers]
     model.train()
     loss_value = float("nan")
-    with tqdm(total=total, desc="pretrain stand-in CLIP", unit="step") as bar:
+    with tqdm(total=total, desc="pretrain stand-in CLIP", unit="step", disable=not progress) as bar:
         for _ in range(config.clip_epochs):
             order = torch.from_numpy(rng.permutation(config.clip_pairs))
             for b in order.split(batch):
@@ -562,14 +562,16 @@ def pretrain_clip(prompts: list[dict], config: TestbedConfig, out_dir: str | Pat
     return out_dir
 
 
-def build_testbed(out_dir: str | Path, config: TestbedConfig = TestbedConfig()) -> dict[str, Path]:
+def build_testbed(
+    out_dir: str | Path, config: TestbedConfig = TestbedConfig(), progress: bool = True
+) -> dict[str, Path]:
     """Splits prompts, pretrains the stand-in CLIP on "clip" (out_dir/clip), writes feedback for "train" and "heldout".
 
     Returns {"clip": model directory, "train": train feedback.jsonl, "heldout": held-out feedback.jsonl}.
     """
     out_dir = Path(out_dir)
     splits = split_prompts(config.seed, config.clip_fraction, config.heldout_fraction)
-    clip = pretrain_clip(splits["clip"], config, out_dir / "clip")
+    clip = pretrain_clip(splits["clip"], config, out_dir / "clip", progress)
     train = write_feedback(
         out_dir / "train", splits["train"], config, np.random.default_rng([config.seed, STREAM_TRAIN_FEEDBACK])
     )

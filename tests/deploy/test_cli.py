@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -145,6 +146,68 @@ def test_serve_starts_the_whole_local_profile_on_2_cpus(tmp_path, example_images
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_directory(tmp_path_factory) -> Path:
+    """The tiny Stable Diffusion pipeline in SD 1.5's directory layout, written by diffusers' save_pretrained."""
+    from services.tiny_models import tiny_stable_diffusion
+
+    path = tmp_path_factory.mktemp("tiny_sd15")
+    tiny_stable_diffusion(0, 16).save_pretrained(path)
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_train_with_fleet_in_half_precision_on_2_cpus(tmp_path, tiny_sd_directory, dtype):
+    """The README's fine-tuning command with LoRA in bf16 / fp16 on a 2-CPU Ray cluster it starts itself: the fleet
+    and the 2 workers fit, and a round trains (before mixed precision: "mat1 and mat2 must have the same dtype")."""
+    port = free_port()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "train",
+            "--with-fleet",
+            str(LOCAL_PROFILE),
+            "--num-cpus",
+            "2",
+            "--set",
+            "optim.method=lora",
+            "--set",
+            f"model.dtype={dtype}",
+            "--set",
+            "run.rounds=1",
+            "--set",
+            f"model.pretrained={tiny_sd_directory}",
+            "--set",
+            "model.resolution=16",
+            "--set",
+            f"rewards.target=127.0.0.1:{port}",
+            "--set",
+            f"run.output_dir={tmp_path / 'run'}",
+            "--set",
+            "prompts.generate=4",
+            "--set",
+            "prompts.eval_count=2",
+            "--set",
+            "prompts.eval_seeds=2",
+            "--set",
+            "sampling.steps=2",
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=Path(__file__).parents[2],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert np.isfinite(rows[0]["loss"]) and rows[0]["selected"] > 0
+    assert "held-out mean" in proc.stdout and "latest checkpoint" in proc.stdout
 
 
 @pytest.mark.integration

@@ -112,7 +112,7 @@ def test_build_testbed_once_rebuilds_when_the_config_changes(tmp_path, monkeypat
 
     built = []
 
-    def fake_build(root, config):  # records the call, writes the files build_testbed would
+    def fake_build(root, config, progress=True):  # records the call, writes the files build_testbed would
         built.append(config.seed)
         for name in ("clip/config.json", "train/feedback.jsonl", "heldout/feedback.jsonl"):
             (root / name).parent.mkdir(parents=True, exist_ok=True)
