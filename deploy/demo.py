@@ -91,6 +91,8 @@ def main() -> int:
     # 3. The local fleet (embedded profile: CPU, weight-free / tiny models), with default options as `rewardfleet
     # serve`: Ray gets one logical CPU per core, and the profile and the 2 Train workers fit a 2-core laptop. Ray's
     # and Serve's own INFO and WARNING lines stay in Ray's log folder: this output is for a person.
+    import ray.serve  # noqa: F401  (importing Serve sets its logger to INFO; quiet it after)
+
     logging.getLogger("ray.serve").setLevel(logging.ERROR)
     ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     t0 = time.perf_counter()

@@ -24,6 +24,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from services.config import resolve_model_source
@@ -116,11 +117,30 @@ class LLMConfig:
             raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
 
 
-def _load_error(source: str, e: Exception) -> FileNotFoundError:
+def _load_error(source: str, e: Exception, what: str = "causal LM") -> FileNotFoundError:
     return FileNotFoundError(
-        f"llm scorer: cannot load the causal LM from {source!r} ({type(e).__name__}: {e}). Set `model` to a hub id "
+        f"llm scorer: cannot load the {what} from {source!r} ({type(e).__name__}: {e}). Set `model` to a hub id "
         "reachable from this node or to a local directory holding the weights (config + safetensors + tokenizer)."
     )
+
+
+def _load_tokenizer(source: str, cfg: LLMConfig):
+    """The LM's tokenizer. Llama/Vicuna repos ship only a sentencepiece `tokenizer.model`, which transformers reads
+    with the `sentencepiece` package; without it transformers falls back to other readers and fails with an
+    unrelated message, so the missing package is named here instead."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        local = Path(source)
+        cause: Exception = e
+        if (local / "tokenizer.model").exists() and not (local / "tokenizer.json").exists():
+            try:
+                import sentencepiece  # noqa: F401
+            except ImportError:
+                cause = ImportError("its tokenizer is a sentencepiece tokenizer.model: pip install sentencepiece")
+        raise _load_error(cfg.model, cause, "tokenizer") from None
 
 
 def rating_token_ids(tokenizer, texts: Sequence[str]) -> list[tuple[list[int], tuple[int, int, int]]]:
@@ -245,11 +265,11 @@ class LikelihoodScorer:
 
         dtype = getattr(torch, cfg.dtype)
         if self.model is None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers import AutoModelForCausalLM
 
             source = resolve_model_source(cfg.model, "llm scorer")
+            self.tokenizer = _load_tokenizer(source, cfg)
             try:
-                self.tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
                 self.model = AutoModelForCausalLM.from_pretrained(source, revision=cfg.revision, dtype=dtype)
             except (OSError, ValueError) as e:
                 raise _load_error(cfg.model, e) from None
@@ -270,12 +290,7 @@ class LikelihoodScorer:
             from vllm import LLM
         except ImportError as e:
             raise ImportError("llm scorer: backend 'vllm' needs vLLM: pip install 'rewardfleet[vllm]'") from e
-        from transformers import AutoTokenizer
-
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision)
-        except (OSError, ValueError) as e:
-            raise _load_error(cfg.model, e) from None
+        self.tokenizer = _load_tokenizer(source, cfg)
         self.llm = LLM(
             model=source,
             revision=cfg.revision,

@@ -154,6 +154,20 @@ def fleet(ray_cluster, tiny_alignment_reward):
     stop_fleet(shutdown_ray=False)
 
 
+@pytest.fixture(scope="session")
+def real_width_models(tmp_path_factory) -> dict:
+    """The cluster profile's models at their released widths and file layouts, 1-2 layers, random weights
+    (`services.tiny_models.save_real_width_models`), built once per session in about 20 s. They take 2.3 GB of
+    disk, so they are removed at the end rather than kept with pytest's last three sessions' temporary files."""
+    import shutil
+
+    from services.tiny_models import save_real_width_models
+
+    root = tmp_path_factory.mktemp("real_width")
+    yield save_real_width_models(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -291,6 +291,34 @@ def test_missing_weights_name_the_path(backend):
     assert "vllm" not in sys.modules
 
 
+def test_a_sentencepiece_only_tokenizer_without_the_package_names_the_package(tmp_path):
+    """Vicuna's repo has a tokenizer.model and no tokenizer.json. Without sentencepiece, transformers falls back to
+    other readers and fails with a message about tiktoken; the scorer names the missing package instead."""
+    import json
+    import subprocess
+
+    import sentencepiece as spm
+
+    with open(tmp_path / "tokenizer.model", "wb") as f:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(["a cat on a table", "two dogs in the city"] * 20),
+            model_writer=f,
+            vocab_size=30,
+            hard_vocab_limit=False,
+            minloglevel=2,
+        )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    code = (
+        "import sys; sys.modules['sentencepiece'] = None\n"  # as if it were not installed
+        "from services.llm_scorer import LikelihoodScorer, LLMConfig\n"
+        f"LikelihoodScorer(LLMConfig(model={str(tmp_path)!r})).load('cpu')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "FileNotFoundError" in proc.stderr and "cannot load the tokenizer" in proc.stderr
+    assert "pip install sentencepiece" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_uncached_hub_id_offline_is_a_file_not_found_naming_it():
     with pytest.raises(FileNotFoundError, match="rewardfleet-tests/no-such-llm"):
         LikelihoodScorer(LLMConfig(model="rewardfleet-tests/no-such-llm")).load("cpu")
