@@ -415,7 +415,7 @@ def _clip_tokenizer(vocab_size: int = 1000):
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges, model_max_length=77)
 
 
-def real_width_blip2(path: str | Path, seed: int = 0) -> Path:
+def real_width_blip2(path: str | Path, seed: int = 0, full_depth: bool = False) -> Path:
     """BLIP-2 OPT-2.7b at the widths of Salesforce/blip2-opt-2.7b, 1-2 layers per tower, random weights, written with
     `save_pretrained` (config, model.safetensors, processor) into `path`.
 
@@ -426,6 +426,7 @@ def real_width_blip2(path: str | Path, seed: int = 0) -> Path:
     - OPT-2.7b: 2560 wide, 32 heads, FFN 10240, 2048 positions, vocab 50304 (facebook/opt-2.7b's 50272 grown for
       the <image> token at 50265, padded); "\\n" ends a caption (eos 50118 there); 32 layers -> 1.
     The processor: 224 px with OpenAI CLIP normalisation, 32 query tokens, OPT's tokenizer trained tiny.
+    `full_depth`: the release's 39 / 12 / 32 layers, in fp16 (7.7 GB; for the GPU check, benchmarks/gpu_check.py).
     """
     import torch
     from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
@@ -448,7 +449,7 @@ def real_width_blip2(path: str | Path, seed: int = 0) -> Path:
             hidden_size=1408,
             intermediate_size=6144,
             num_attention_heads=16,
-            num_hidden_layers=1,
+            num_hidden_layers=39 if full_depth else 1,
             patch_size=14,
             image_size=224,
             qkv_bias=True,
@@ -458,7 +459,7 @@ def real_width_blip2(path: str | Path, seed: int = 0) -> Path:
             hidden_size=768,
             intermediate_size=3072,
             num_attention_heads=12,
-            num_hidden_layers=2,
+            num_hidden_layers=12 if full_depth else 2,
             cross_attention_frequency=2,
             encoder_hidden_size=1408,
         ),
@@ -469,7 +470,7 @@ def real_width_blip2(path: str | Path, seed: int = 0) -> Path:
             word_embed_proj_dim=2560,
             ffn_dim=10240,
             num_attention_heads=32,
-            num_hidden_layers=1,
+            num_hidden_layers=32 if full_depth else 1,
             max_position_embeddings=2048,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.convert_tokens_to_ids("Ċ"),  # "\n" in byte-level BPE
@@ -479,7 +480,7 @@ def real_width_blip2(path: str | Path, seed: int = 0) -> Path:
         num_query_tokens=32,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    model = _random_init(Blip2ForConditionalGeneration, config, seed)
+    model = _random_init(Blip2ForConditionalGeneration, config, seed, dtype=torch.float16 if full_depth else None)
     # The tokenizer has about 1000 of the 50304 ids; the others decode to nothing. Zero (tied input and output)
     # embedding rows give them logit 0, below the best of 1000 random logits, so greedy captions are words.
     with torch.no_grad():
@@ -490,7 +491,7 @@ def real_width_blip2(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def real_width_clip_l14(path: str | Path, seed: int = 0) -> Path:
+def real_width_clip_l14(path: str | Path, seed: int = 0, full_depth: bool = False) -> Path:
     """CLIP ViT-L/14 at the widths of openai/clip-vit-large-patch14, one layer per tower, random weights: CLIPModel and
     CLIPProcessor written with `save_pretrained` into `path`.
 
@@ -498,13 +499,15 @@ def real_width_clip_l14(path: str | Path, seed: int = 0) -> Path:
     vision 1024 wide, 16 heads, MLP 4096, patch 14 at 224 px (24 layers -> 1); projection 768; quick_gelu. As in the
     release, each tower's config repeats projection_dim (so a tower loads alone) and the text config keeps the legacy
     eos_token_id 2, with which CLIP pools at the highest token id: <|endoftext|>. CLIP's tokenizer, trained tiny.
+    `full_depth`: the release's 12 text and 24 vision layers.
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tower = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768, num_hidden_layers=1)
+    tower = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
     config = CLIPConfig(
         text_config=dict(
             **tower,
+            num_hidden_layers=12 if full_depth else 1,
             hidden_size=768,
             intermediate_size=3072,
             num_attention_heads=12,
@@ -514,7 +517,14 @@ def real_width_clip_l14(path: str | Path, seed: int = 0) -> Path:
             eos_token_id=2,
             pad_token_id=1,
         ),
-        vision_config=dict(**tower, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, patch_size=14),
+        vision_config=dict(
+            **tower,
+            num_hidden_layers=24 if full_depth else 1,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_attention_heads=16,
+            patch_size=14,
+        ),
         projection_dim=768,
         logit_scale_init_value=2.6592,
     )
@@ -526,14 +536,15 @@ def real_width_clip_l14(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
-def real_width_llama7b(path: str | Path, seed: int = 0) -> Path:
+def real_width_llama7b(path: str | Path, seed: int = 0, full_depth: bool = False) -> Path:
     """Vicuna-7B v1.5 (Llama-2-7B) at its widths with one layer, random weights, in fp16 safetensors written with
     `save_pretrained` into `path`, next to the tokenizer files of the lmsys/vicuna-7b-v1.5 repo: `tokenizer.model`,
     tokenizer_config.json and special_tokens_map.json, no tokenizer.json, so loading the tokenizer needs sentencepiece.
 
     Widths from the hub's config.json: hidden 4096, intermediate 11008, 32 heads (no grouped KV), vocab 32000, 4096
     positions, RMSNorm eps 1e-5; 32 layers -> 1. The sentencepiece BPE model (Llama's trainer settings: byte
-    fallback, split digits) is trained tiny, 1000 pieces; the LM keeps 32000 rows.
+    fallback, split digits) is trained tiny, 1000 pieces; the LM keeps 32000 rows. `full_depth`: the release's 32
+    layers (13.5 GB).
     """
     import io
 
@@ -549,7 +560,7 @@ def real_width_llama7b(path: str | Path, seed: int = 0) -> Path:
         intermediate_size=11008,
         num_attention_heads=32,
         num_key_value_heads=32,
-        num_hidden_layers=1,
+        num_hidden_layers=32 if full_depth else 1,
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
         bos_token_id=1,
@@ -659,7 +670,7 @@ def save_real_width_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def real_width_stable_diffusion(path: str | Path, seed: int = 0) -> Path:
+def real_width_stable_diffusion(path: str | Path, seed: int = 0, full_depth: bool = False) -> Path:
     """Stable Diffusion 1.5 (stable-diffusion-v1-5/stable-diffusion-v1-5) at its released widths with one layer per
     block, random weights, written with `StableDiffusionPipeline.save_pretrained` into `path` in the release's layout:
     model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/ (no safety_checker/ or feature_extractor/;
@@ -676,7 +687,9 @@ def real_width_stable_diffusion(path: str | Path, seed: int = 0) -> Path:
     - scheduler: PNDMScheduler with the release's scheduler_config.json, whose DDIM-only key clip_sample (false) is
       kept as diffusers keeps it, so DDIMScheduler.from_config of it does not clip;
     - tokenizer: CLIP's, trained tiny (`_clip_tokenizer`), 77 tokens.
-    The UNet and VAE take torch's default init (seeded): about 10 s of CPU of the build.
+    The UNet and VAE keep torch's default init (seeded; about 4 s for the UNet). The build takes about 15 s on 2 cores,
+    most of it writing the 2.7 GB of fp32 safetensors. `full_depth`: the release's 2 layers per block and 12 text
+    layers (SD 1.5's 860M-weight UNet; for the GPU check).
     """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -686,7 +699,7 @@ def real_width_stable_diffusion(path: str | Path, seed: int = 0) -> Path:
         hidden_size=768,
         intermediate_size=3072,
         num_attention_heads=12,
-        num_hidden_layers=1,
+        num_hidden_layers=12 if full_depth else 1,
         vocab_size=49408,
         max_position_embeddings=77,
         hidden_act="quick_gelu",
@@ -702,7 +715,7 @@ def real_width_stable_diffusion(path: str | Path, seed: int = 0) -> Path:
         sample_size=64,
         in_channels=4,
         out_channels=4,
-        layers_per_block=1,
+        layers_per_block=2 if full_depth else 1,
         block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -715,7 +728,7 @@ def real_width_stable_diffusion(path: str | Path, seed: int = 0) -> Path:
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        layers_per_block=1,
+        layers_per_block=2 if full_depth else 1,
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
