@@ -100,7 +100,8 @@ def reward_app(name: str, models: dict[str, Path], device: str, full: bool, vllm
         reward["sam"]["checkpoint"] = str(models["sam"])
         if not full:  # vit_b widths, depth 2: the custom model type
             reward["sam"].update({k: list(v) if isinstance(v, tuple) else v for k, v in REAL_WIDTH_SAM.items()})
-            reward["sam"]["points_per_side"] = 8
+            # On CPU a 32x32 point grid takes minutes per image; random weights pass no quality threshold.
+            reward["sam"].update(points_per_side=2, pred_iou_thresh=0.0, stability_score_thresh=0.0)
         reward["labeler"]["clip"] = str(models["clip"])
         reward["llm"]["model"] = str(models["llama"])
         if vllm:
@@ -130,8 +131,8 @@ def images(n: int, seed: int = 0) -> list[np.ndarray]:
     return out
 
 
-def measure_reward(app: dict, seconds: float, port: int) -> dict:
-    """Step 2 for one application: deploy it alone, score batches of 32 for `seconds`, undeploy."""
+def measure_reward(app: dict, seconds: float, port: int, batch_size: int = BATCH) -> dict:
+    """Step 2 for one application: deploy it alone, score batches of `batch_size` for `seconds`, undeploy."""
     from services.client import RewardClient
 
     config = load_serve_config(DEPLOY_DIR / "cluster.yaml", grpc_port=port)
@@ -140,8 +141,8 @@ def measure_reward(app: dict, seconds: float, port: int) -> dict:
     t0 = time.perf_counter()
     fleet = start_fleet(config, timeout_s=900)
     ready_s = time.perf_counter() - t0
-    batch = images(BATCH)
-    prompts = ["two green dogs in the city", "a red disc in a blue sky"] * (BATCH // 2)
+    batch = images(batch_size)
+    prompts = (["two green dogs in the city", "a red disc in a blue sky"] * batch_size)[:batch_size]
     try:
         with RewardClient(fleet.grpc_target, app["name"], max_in_flight=4, timeout_s=600) as client:
             warm = client.score(batch, prompts)  # compiles, fills caches
@@ -163,10 +164,11 @@ def measure_reward(app: dict, seconds: float, port: int) -> dict:
         "seconds": round(elapsed, 1),
         "errors": errors,
         "example": {"reward": warm[0].reward, "components": warm[0].components, "caption": warm[0].caption},
+        "batch_size": batch_size,
         "num_gpus": app["deployments"][0]["ray_actor_options"].get("num_gpus", 0),
         "gpu_memory_used_gib": memory,
     }
-    log(f"{app['name']}: {result['images_per_s']} images/s at batch {BATCH} (ready in {ready_s:.0f}s) {errors}")
+    log(f"{app['name']}: {result['images_per_s']} images/s at batch {batch_size} (ready in {ready_s:.0f}s) {errors}")
     return result
 
 
@@ -245,6 +247,7 @@ def main() -> int:
     parser.add_argument("--scale", choices=["full", "test"], default="full", help="full-size or 1-2 layer models")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--seconds", type=float, default=20.0, help="scoring time per reward")
+    parser.add_argument("--batch-size", type=int, default=None, help=f"images per request (default {BATCH}; 2 on CPU)")
     parser.add_argument("--rewards", default="caption,semantic,alignment", help="cluster-profile applications")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--work", type=Path, default=Path("/tmp/rewardfleet_gpu_check"))
@@ -289,7 +292,8 @@ def main() -> int:
     for name in [n for n in args.rewards.split(",") if n]:
         app = reward_app(name, models, args.device, full, use_vllm)
         try:
-            report["rewards"][name] = measure_reward(app, args.seconds, port)
+            batch_size = args.batch_size or (BATCH if args.device == "cuda" else 2)
+            report["rewards"][name] = measure_reward(app, args.seconds, port, batch_size)
         except Exception as e:  # report and go on: one reward's failure must not hide the others' figures
             report["rewards"][name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             log(f"{name} FAILED: {e}")

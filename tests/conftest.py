@@ -168,6 +168,18 @@ def real_width_models(tmp_path_factory) -> dict:
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): exact results do
+    not depend on the thread count, and on a busy 2-core machine two threads made a UNet forward 4x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

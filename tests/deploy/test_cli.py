@@ -63,33 +63,43 @@ def test_bad_inputs_are_named(tmp_path):
     assert result.exit_code != 0 and "needs --prompt" in result.output
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_serve_command_serves_until_ctrl_c_then_shuts_down(tmp_path, example_images):
-    # Its own Ray cluster in a subprocess, as a user would run it.
-    port = free_port()
+def _serve_in_subprocess(serve_config: dict, tmp_path: Path, timeout_s: float) -> subprocess.Popen:
+    """`rewardfleet serve --config <serve_config> --num-cpus 2` in its own process and Ray cluster, as a user runs
+    it on a 2-core machine; returns once it says it serves (asserting that it does)."""
     config = tmp_path / "serve.yaml"
-    serve_config = load_serve_config(LOCAL_PROFILE, grpc_port=port, http_port=free_port())
-    serve_config["applications"] = [a for a in serve_config["applications"] if a["name"] == "jpeg_compressibility"]
     config.write_text(yaml.safe_dump(serve_config))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "serve", "--config", str(config), "--num-cpus", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         cwd=Path(__file__).parents[2],
+        # Ctrl-C as in a terminal: a suite started in the background by a shell inherits SIGINT ignored, and so
+        # would the server, which would then never see the test's Ctrl-C.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    deadline = time.monotonic() + timeout_s
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Ctrl-C to stop" in line or proc.poll() is not None:
+            break
+    if not any(f"serving on 127.0.0.1:{serve_config['grpc_options']['port']}" in x for x in lines):
+        proc.kill()
+        raise AssertionError("".join(lines))
+    return proc
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_serve_command_serves_until_ctrl_c_then_shuts_down(tmp_path, example_images):
+    port = free_port()
+    serve_config = load_serve_config(LOCAL_PROFILE, grpc_port=port, http_port=free_port())
+    serve_config["applications"] = [a for a in serve_config["applications"] if a["name"] == "jpeg_compressibility"]
+    proc = _serve_in_subprocess(serve_config, tmp_path, timeout_s=120)
     try:
-        deadline = time.monotonic() + 120
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "Ctrl-C to stop" in line or proc.poll() is not None:
-                break
-        assert any(f"serving on 127.0.0.1:{port}" in x for x in lines), "".join(lines)
         (result,) = RewardClient(f"127.0.0.1:{port}", "jpeg_compressibility").score(
             [example_images[0].read_bytes()], "p"
         )
@@ -117,25 +127,8 @@ def test_serve_starts_the_whole_local_profile_on_2_cpus(tmp_path, example_images
     serve_config = load_serve_config(LOCAL_PROFILE, grpc_port=port, http_port=free_port())
     alignment = next(a for a in serve_config["applications"] if a["name"] == "alignment")
     alignment["args"]["reward_config"]["model_dir"] = tiny_alignment_reward
-    config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump(serve_config))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "serve", "--config", str(config), "--num-cpus", "2"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=Path(__file__).parents[2],
-    )
+    proc = _serve_in_subprocess(serve_config, tmp_path, timeout_s=240)
     try:
-        deadline = time.monotonic() + 240
-        lines = []
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "Ctrl-C to stop" in line or proc.poll() is not None:
-                break
-        assert any(f"serving on 127.0.0.1:{port}" in x for x in lines), "".join(lines)
         image = example_images[2].read_bytes()
         for app_config in serve_config["applications"]:
             (result,) = RewardClient(f"127.0.0.1:{port}", app_config["name"]).score([image], "a red disc")

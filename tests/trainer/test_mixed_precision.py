@@ -34,12 +34,7 @@ GRAD_RTOL = {"bf16": 0.04, "fp16": 0.005}
 LOSS_RTOL = {"bf16": 0.004, "fp16": 0.0005}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

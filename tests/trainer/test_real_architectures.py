@@ -45,7 +45,7 @@ from trainer.finetune import DenoisingBatch, encode_prompts, setup_training, tra
 from trainer.losses import denoising_loss_per_sample, reward_weighted_loss
 from trainer.sampling import load_pipeline, sample_images, set_scheduler
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Relative errors against fp32 (module docstring): the step's loss, and the sampled latents.
@@ -63,15 +63,6 @@ LORA_LAYERS = (3 + 3 * 2 + 1) * 2 * 4
 # At 8 x 8 latents the mid block runs at 1 x 1: its self-attention attends over one token, whose softmax weight is 1
 # whatever the query and key, so to_q and to_k get no gradient there (at SD's 64 x 64 latents it has 64 tokens).
 ONE_TOKEN_ATTENTION = "mid_block.attentions.0.transformer_blocks.0.attn1.to_"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads made the UNet's forward 4x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from trainer.sampling import (
 MODEL = ModelConfig(resolution=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pipeline(scheduler="ddim"):
