@@ -491,6 +491,25 @@ def real_width_blip2(path: str | Path, seed: int = 0, full_depth: bool = False) 
     return path
 
 
+def _clip_l14_text_config(full_depth: bool) -> dict:
+    """openai/clip-vit-large-patch14's text tower (also SD 1.5's text encoder): 768 wide, 12 heads, MLP 3072, vocab
+    49408, 77 positions, quick_gelu, projection 768, legacy eos_token_id 2; 12 layers, or 1."""
+    return dict(
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=768,
+        num_hidden_layers=12 if full_depth else 1,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        vocab_size=49408,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
 def real_width_clip_l14(path: str | Path, seed: int = 0, full_depth: bool = False) -> Path:
     """CLIP ViT-L/14 at the widths of openai/clip-vit-large-patch14, one layer per tower, random weights: CLIPModel and
     CLIPProcessor written with `save_pretrained` into `path`.
@@ -503,22 +522,12 @@ def real_width_clip_l14(path: str | Path, seed: int = 0, full_depth: bool = Fals
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tower = dict(hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768)
     config = CLIPConfig(
-        text_config=dict(
-            **tower,
-            num_hidden_layers=12 if full_depth else 1,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            vocab_size=49408,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        ),
+        text_config=_clip_l14_text_config(full_depth),
         vision_config=dict(
-            **tower,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+            projection_dim=768,
             num_hidden_layers=24 if full_depth else 1,
             hidden_size=1024,
             intermediate_size=4096,
@@ -695,21 +704,7 @@ def real_width_stable_diffusion(path: str | Path, seed: int = 0, full_depth: boo
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    text_config = CLIPTextConfig(
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12 if full_depth else 1,
-        vocab_size=49408,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-        layer_norm_eps=1e-5,
-        projection_dim=768,
-        bos_token_id=0,
-        eos_token_id=2,
-        pad_token_id=1,
-    )
-    text_encoder = _random_init(CLIPTextModel, text_config, seed)
+    text_encoder = _random_init(CLIPTextModel, CLIPTextConfig(**_clip_l14_text_config(full_depth)), seed)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=64,
