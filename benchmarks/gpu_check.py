@@ -78,7 +78,7 @@ def build_sam_vit_h(path: Path) -> Path:
 
 def reward_app(name: str, models: dict[str, Path], device: str, full: bool, vllm: bool) -> dict:
     """The cluster profile's application `name`, one replica, its model sources pointed at the built models."""
-    from services.tiny_models import REAL_WIDTH_SAM
+    from trainer.local_models.tiny import REAL_WIDTH_SAM
 
     profile = load_serve_config(DEPLOY_DIR / "cluster.yaml")
     app = copy.deepcopy(next(a for a in profile["applications"] if a["name"] == name))

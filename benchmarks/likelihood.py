@@ -97,7 +97,7 @@ def main() -> None:
 
     from services.llm_scorer import LikelihoodScorer, LLMConfig, likelihood_text, rating_token_ids
     from services.reward import SampleFailure
-    from services.tiny_models import save_tiny_models
+    from trainer.local_models.tiny import save_tiny_models
 
     torch.set_num_threads(args.threads)
     model = args.model or str(save_tiny_models()["llama"])

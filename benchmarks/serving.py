@@ -67,7 +67,7 @@ def main() -> None:
     from deploy.fleet import LOCAL_PROFILE, load_serve_config, start_fleet, stop_fleet
     from services.client import RewardClient
     from services.registry import build_reward
-    from services.tiny_models import save_tiny_models
+    from trainer.local_models.tiny import save_tiny_models
 
     # The profile's application, plus the same one with batching disabled; nothing else competes for the cores.
     config = load_serve_config(LOCAL_PROFILE)

@@ -439,7 +439,7 @@ def tiny_models(
     force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
 ) -> None:
     """Write the tiny seeded models the local profile serves (done automatically on first `serve`)."""
-    from services.tiny_models import TINY_ROOT, save_tiny_models
+    from trainer.local_models.tiny import TINY_ROOT, save_tiny_models
 
     for name, path in save_tiny_models(root or TINY_ROOT, force=force).items():
         typer.echo(f"{name}: {path}")

@@ -98,8 +98,8 @@ def prepare_local_artifacts(config: dict[str, Any], progress: bool = False) -> N
     Both are deterministic functions of a seed, so every node builds the same weights; later starts find them cached.
     `progress`: one progress bar for the testbed reward's first-use training (a few minutes on 2 cores).
     """
-    from services.tiny_models import TINY_ROOT_SPEC, save_tiny_models
-    from trainer.reward_training import TESTBED_REWARD_SPEC, ensure_testbed_reward
+    from trainer.local_models.testbed_reward import TESTBED_REWARD_SPEC, ensure_testbed_reward
+    from trainer.local_models.tiny import TINY_ROOT_SPEC, save_tiny_models
 
     text = json.dumps([app.get("args", {}) for app in config.get("applications", [])])
     if TINY_ROOT_SPEC in text or str(Path(TINY_ROOT_SPEC).expanduser()) in text:

@@ -42,6 +42,7 @@ from ray.serve.grpc_util import RayServegRPCContext
 
 from protos.reward.v1 import reward_pb2
 from services.codec import DEFAULT_MAX_IMAGE_PIXELS
+from services.selection import combine_rank_fusion, combine_weighted_sum
 from services.serving import (
     GrpcGate,
     RewardMetrics,
@@ -49,7 +50,6 @@ from services.serving import (
     load_auth_token,
     request_limit_problem,
 )
-from trainer.selection import fuse
 
 NAME = "assemble"
 
@@ -124,56 +124,6 @@ class RunningStats:
     @property
     def std(self) -> float:
         return math.sqrt(self._m2 / (self.n - 1)) if self.n > 1 else 0.0
-
-
-def combine_weighted_sum(
-    scores: dict[str, np.ndarray], weights: dict[str, float], calibration: dict[str, tuple[float, float]]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Weighted mean of calibrated scores over the components present (NaN = absent) for each sample.
-
-    scores: name -> (N,) raw scores; calibration: name -> (center, scale). Returns the combined (N,) (NaN where no
-    component is present) and name -> (N,) calibrated scores.
-    """
-    z = {name: (s - calibration[name][0]) / calibration[name][1] for name, s in scores.items()}
-    total = sum(np.where(np.isnan(v), 0.0, weights[name] * v) for name, v in z.items())
-    weight = sum(np.where(np.isnan(v), 0.0, weights[name]) for name, v in z.items())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan), z
-
-
-def combine_rank_fusion(
-    scores: dict[str, np.ndarray], weights: dict[str, float], groups: list[str], method: str, rrf_k: float
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Rank fusion within each group (samples sharing a prompt), normalised to [0, 1].
-
-    Each component ranks the group's samples it scored (NaN = absent, no points); a sample's fused score is its
-    points over the most points the components present for it could give. Returns the combined (N,) and
-    name -> (N,) points.
-    """
-    n = len(groups)
-    combined = np.full(n, np.nan)
-    points = {name: np.full(n, np.nan) for name in scores}
-    for group in dict.fromkeys(groups):
-        members = [i for i in range(n) if groups[i] == group]
-        got, best = np.zeros(len(members)), np.zeros(len(members))
-        for name, s in scores.items():
-            present = [j for j, i in enumerate(members) if not np.isnan(s[i])]
-            if not present:
-                continue
-            k = len(present)
-            # fuse() over one reward gives its rank points: borda K-1-rank, rrf 1/(rrf_k+rank+1).
-            p = fuse({name: s[[members[j] for j in present]][None, :]}, method, rrf_k=rrf_k)[0]  # (k,)
-            top = (k - 1) if method == "borda" else 1.0 / (rrf_k + 1.0)
-            for j, value in zip(present, p, strict=True):
-                points[name][members[j]] = value
-                got[j] += weights[name] * value
-                best[j] += weights[name] * top
-        for j, i in enumerate(members):
-            if best[j] > 0:
-                combined[i] = got[j] / best[j]
-            elif any(not np.isnan(s[i]) for s in scores.values()):
-                combined[i] = 1.0  # alone in its group (Borda gives no points to a single sample): ranked first
-    return combined, points
 
 
 @serve.deployment(name="assemble", ray_actor_options={"num_cpus": 0.5})

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from services.config import resolve_model_source
+from services.models import resolve_model_source
 from services.reward import SampleFailure
 
 if TYPE_CHECKING:

@@ -111,7 +111,7 @@ def tiny_testbed(tmp_path_factory) -> dict:
     from dataclasses import replace
 
     from tests.trainer.test_testbed import TINY
-    from trainer.testbed import build_testbed
+    from trainer.local_models.testbed import build_testbed
 
     return build_testbed(tmp_path_factory.mktemp("testbed"), replace(TINY, images_per_prompt=2))
 
@@ -157,11 +157,11 @@ def fleet(ray_cluster, tiny_alignment_reward):
 @pytest.fixture(scope="session")
 def real_width_models(tmp_path_factory) -> dict:
     """The cluster profile's models at their released widths and file layouts, 1-2 layers, random weights
-    (`services.tiny_models.save_real_width_models`), built once per session in about 20 s. They take 2.3 GB of
+    (`trainer.local_models.tiny.save_real_width_models`), built once per session in about 20 s. They take 2.3 GB of
     disk, so they are removed at the end rather than kept with pytest's last three sessions' temporary files."""
     import shutil
 
-    from services.tiny_models import save_real_width_models
+    from trainer.local_models.tiny import save_real_width_models
 
     root = tmp_path_factory.mktemp("real_width")
     yield save_real_width_models(root)

@@ -320,23 +320,21 @@ def _rng_state() -> dict:
 
 
 def select_samples(scores: dict[str, np.ndarray], config: FinetuneConfig) -> list[tuple[int, int, float]]:
-    """The round's training samples as (prompt, sample, loss weight), from every reward's (G, K) scores.
+    """The round's training samples as (prompt, sample, loss weight), as `config.selection` says."""
+    from services.selection import select_samples as select
 
-    raft: each prompt's best sample by the primary reward (weight 1); assemble: each prompt's best by the fused
-    per-prompt ranks of every reward; weighted: every sample with a positive weight from the primary reward.
-    """
-    from trainer.selection import best_of_k, fuse, reward_weights
-
-    sel, primary = config.selection, scores[config.rewards.primary]
-    if sel.strategy == "raft":
-        return [(g, j, 1.0) for g, j in best_of_k(primary, sel.top_fraction)]
-    if sel.strategy == "assemble":
-        fused = fuse(scores, sel.fusion, config.rewards.weights, sel.rrf_k)
-        return [(g, j, 1.0) for g, j in best_of_k(fused, sel.top_fraction)]
-    weights = reward_weights(primary, sel.weighting, sel.temperature)  # (G, K), each row sums to K
-    return [
-        (g, j, float(weights[g, j])) for g in range(len(primary)) for j in range(primary.shape[1]) if weights[g, j] > 0
-    ]
+    sel = config.selection
+    return select(
+        scores,
+        sel.strategy,
+        config.rewards.primary,
+        weights=config.rewards.weights,
+        top_fraction=sel.top_fraction,
+        fusion=sel.fusion,
+        rrf_k=sel.rrf_k,
+        weighting=sel.weighting,
+        temperature=sel.temperature,
+    )
 
 
 class _Worker:

@@ -73,7 +73,7 @@ def write_rendered_pairs(out_dir: str | Path, n: int, resolution: int, seed: int
     """
     from PIL import Image
 
-    from trainer.testbed import random_attrs, render_image, render_prompt
+    from trainer.local_models.testbed import random_attrs, render_image, render_prompt
 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from services.config import resolve_model_source, to_dict
+from services.models import resolve_model_source
 from services.rewards.alignment import (
     HeadConfig,
     build_head,
@@ -250,7 +250,7 @@ def _fit(config: RewardTrainingConfig, samples, data, val_data, epochs: int, tex
     import torch
     from tqdm import tqdm
 
-    from trainer.testbed import perturb, render_prompt
+    from trainer.local_models.testbed import perturb, render_prompt
 
     image, text, labels = data
     torch.manual_seed(config.seed)
@@ -333,6 +333,8 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
 
     # 1. Data, split by prompt three ways: train (fits the head), val (early stopping), held-out (evaluation only).
     if config.testbed is not None:
+        from trainer.local_models.testbed_reward import build_testbed_once
+
         paths = build_testbed_once(config.testbed, config.seed, progress)
         clip_source, train_path, heldout_path = str(paths["clip"]), paths["train"], paths["heldout"]
     else:
@@ -419,26 +421,6 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
     return evaluation
 
 
-def build_testbed_once(root: str | Path, seed: int, progress: bool = True) -> dict[str, Path]:
-    """The testbed under `root`, built on first use and rebuilt when its config (seed, defaults) or vocabulary changed.
-
-    The marker file records the config and attribute values of the finished build, and its paths.
-    """
-    from trainer.testbed import VALUES, TestbedConfig, build_testbed
-
-    root = Path(root).expanduser()
-    marker = root / "testbed.json"
-    config = {**to_dict(TestbedConfig(seed=seed)), "values": {k: list(v) for k, v in VALUES.items()}}
-    if marker.exists():
-        built = json.loads(marker.read_text())
-        if built.get("config") == config:
-            return {k: root / v for k, v in built["paths"].items()}
-    paths = build_testbed(root, TestbedConfig(seed=seed), progress=progress)
-    relative = {k: str(Path(v).relative_to(root)) for k, v in paths.items()}
-    marker.write_text(json.dumps({"config": config, "paths": relative}))
-    return {k: Path(v) for k, v in paths.items()}
-
-
 def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
     import matplotlib
 
@@ -471,28 +453,3 @@ def format_evaluation(evaluation: dict[str, Any]) -> str:
         lines.append(f"{name:<16} {m['accuracy']:>9.3f} {m['auc']:>7.3f}")
     lines.append(f"learned reward - CLIP score: {evaluation['accuracy_gain_points']:+.1f} accuracy points")
     return "\n".join(lines)
-
-
-# The local profile's alignment reward: trained on the testbed on first use (seeded), like the tiny models.
-TESTBED_REWARD_SPEC = "~/.cache/rewardfleet/alignment_testbed"
-# Bump when the testbed or the training changes, so a cached reward is rebuilt.
-TESTBED_REWARD_VERSION = 3
-
-
-def ensure_testbed_reward(root: str | Path = TESTBED_REWARD_SPEC, progress: bool = False) -> Path:
-    """The alignment reward trained on the synthetic testbed under `root`/reward, trained if missing or stale.
-
-    `progress` shows one bar, for the stand-in CLIP's pretraining (most of the few minutes it takes)."""
-    root = Path(root).expanduser()
-    reward_dir = root / "reward"
-    marker = root / "version.json"
-    stamp = {"version": TESTBED_REWARD_VERSION}
-    if marker.exists() and json.loads(marker.read_text()) == stamp and (reward_dir / "alignment_reward.json").exists():
-        return reward_dir
-    if root.exists():
-        shutil.rmtree(root)
-    config = RewardTrainingConfig(out_dir=str(reward_dir), testbed=str(root / "testbed"))
-    build_testbed_once(config.testbed, config.seed, progress)  # train_reward finds it built
-    train_reward(config, progress=False)
-    marker.write_text(json.dumps(stamp))
-    return reward_dir

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.config import resolve_model_source
+from services.models import resolve_model_source
 from trainer.config import ModelConfig, OptimConfig, SamplingConfig
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -73,7 +73,7 @@ def load_pipeline(config: ModelConfig, device="cpu"):
 
     dtype = resolve_dtype(config.dtype, device)
     if config.pretrained == "tiny":
-        from services.tiny_models import tiny_stable_diffusion
+        from trainer.local_models.tiny import tiny_stable_diffusion
 
         pipe = tiny_stable_diffusion(config.tiny_seed, config.resolution)  # built in fp32
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):

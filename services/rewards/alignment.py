@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from services.config import resolve_model_source
+from services.models import resolve_model_source
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 

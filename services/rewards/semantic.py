@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from services.config import resolve_model_source
 from services.llm_scorer import LikelihoodScorer, LLMConfig
+from services.models import resolve_model_source
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput, SampleFailure, SegmentScore
 

@@ -144,7 +144,7 @@ def test_serve_starts_the_whole_local_profile_on_2_cpus(tmp_path, example_images
 @pytest.fixture(scope="module")
 def tiny_sd_directory(tmp_path_factory) -> Path:
     """The tiny Stable Diffusion pipeline in SD 1.5's directory layout, written by diffusers' save_pretrained."""
-    from services.tiny_models import tiny_stable_diffusion
+    from trainer.local_models.tiny import tiny_stable_diffusion
 
     path = tmp_path_factory.mktemp("tiny_sd15")
     tiny_stable_diffusion(0, 16).save_pretrained(path)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from services.registry import build_reward
-from services.tiny_models import MINILM, save_tiny_models, tiny_blip2, tiny_clip_text
+from trainer.local_models.tiny import MINILM, save_tiny_models, tiny_blip2, tiny_clip_text
 
 MINILM_ENCODER = {"kind": "sentence_transformers", "source": MINILM}
 
@@ -127,7 +127,7 @@ def test_injected_modules_give_the_same_scores_as_loading_from_disk(tiny_paths, 
     from sentence_transformers import SentenceTransformer
 
     from services.rewards.caption import Caption, CaptionConfig, TextEncoderConfig
-    from services.tiny_models import minilm_path
+    from trainer.local_models.tiny import minilm_path
 
     model, processor = tiny_blip2(seed=0)
     injected = Caption(

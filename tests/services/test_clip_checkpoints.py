@@ -13,7 +13,7 @@ import torch
 
 from services.clip_checkpoints import detect_format, load_strict, to_transformers, unwrap
 from services.rewards.caption import Caption, CaptionConfig, TextEncoderConfig
-from services.tiny_models import save_tiny_models, tiny_clip, tiny_tokenizer
+from trainer.local_models.tiny import save_tiny_models, tiny_clip, tiny_tokenizer
 
 ATOL = 1e-5
 VOCAB, CONTEXT, WIDTH, LAYERS, HEADS, MLP = 64, 16, 32, 2, 4, 64

@@ -16,7 +16,7 @@ from services.llm_scorer import (
     ratings_from_reply,
 )
 from services.reward import SampleFailure
-from services.tiny_models import save_tiny_models, tiny_llama
+from trainer.local_models.tiny import save_tiny_models, tiny_llama
 
 # Prompts of different lengths, so their padding differs within a batch.
 PROMPTS = [

@@ -1,6 +1,6 @@
 """Real-architecture tier: the cluster profile's rewards on models of the released widths and file layouts.
 
-`services.tiny_models.save_real_width_models` builds BLIP-2 OPT-2.7b, CLIP ViT-L/14, Vicuna-7B (Llama-2-7B) and SAM
+`trainer.local_models.tiny.save_real_width_models` builds BLIP-2 OPT-2.7b, CLIP ViT-L/14, Vicuna-7B (Llama-2-7B) and SAM
 vit_b at their real widths with 1-2 layers and random weights, in the files the releases ship, so the rewards load
 them through the code that loads the real checkpoints. Each reward is configured as deploy/cluster.yaml configures it
 (model paths replaced, CPU, float32, no GPU), served for one batch over real gRPC through Ray Serve next to the session
@@ -25,8 +25,8 @@ from deploy.fleet import DEPLOY_DIR, wait_until_ready
 from services.client import RewardClient
 from services.config import load_yaml
 from services.registry import build_reward
-from services.tiny_models import REAL_WIDTH_SAM
 from tests.conftest import random_images
+from trainer.local_models.tiny import REAL_WIDTH_SAM
 
 CLUSTER_PROFILE = DEPLOY_DIR / "cluster.yaml"
 # The replicas' torch threads (the cluster profile asks for 2-4 per replica; this machine may have 2 cores). The

@@ -6,7 +6,7 @@ import pytest
 from services.registry import build_reward
 from services.reward import SampleFailure
 from services.rewards.semantic import load_vocabulary, prompt_nouns
-from services.tiny_models import TINY_SAM, save_tiny_models
+from trainer.local_models.tiny import TINY_SAM, save_tiny_models
 
 PROMPTS = ["two green dogs in the city", "three red apples on a wooden table", "a corgi riding a surfboard"]
 

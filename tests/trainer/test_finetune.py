@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from services.selection import best_of_k, fuse
 from trainer.config import load_finetune_config
 from trainer.finetune import eval_stats, read_metrics, run_finetune, select_samples, win_rate
-from trainer.selection import best_of_k, fuse
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from services.tiny_models import tiny_stable_diffusion
+from trainer.local_models.tiny import tiny_stable_diffusion
 from trainer.losses import denoising_loss_per_sample, reward_weighted_loss
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from services.tiny_models import tiny_stable_diffusion
 from trainer.config import load_finetune_config
 from trainer.finetune import (
     DenoisingBatch,
@@ -25,6 +24,7 @@ from trainer.finetune import (
     setup_training,
     train_step,
 )
+from trainer.local_models.tiny import tiny_stable_diffusion
 from trainer.sampling import load_pipeline, resolve_dtype, sample_images
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -1,6 +1,6 @@
 """Real-architecture tier of the fine-tuning job: Stable Diffusion 1.5 at its released widths and file layout.
 
-`services.tiny_models.real_width_stable_diffusion` writes SD 1.5 (580M-weight UNet, VAE, CLIP ViT-L/14 text tower,
+`trainer.local_models.tiny.real_width_stable_diffusion` writes SD 1.5 (580M-weight UNet, VAE, CLIP ViT-L/14 text tower,
 PNDM scheduler config, CLIP tokenizer) with one layer per block and random weights, in the release's directory
 layout. Each test runs the cluster preset (trainer/configs/cluster.yaml: DPM-Solver, guidance 7.5, LoRA rank 8)
 with `model.pretrained=<that directory>` through the job's own code on CPU: `setup_training`, `sample_images` of one
@@ -39,9 +39,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 from transformers import CLIPTokenizer
 
-from services.tiny_models import real_width_stable_diffusion
 from trainer.config import CONFIG_DIR, load_finetune_config
 from trainer.finetune import DenoisingBatch, encode_prompts, setup_training, train_step
+from trainer.local_models.tiny import real_width_stable_diffusion
 from trainer.losses import denoising_loss_per_sample, reward_weighted_loss
 from trainer.sampling import load_pipeline, sample_images, set_scheduler
 

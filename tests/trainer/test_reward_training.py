@@ -15,7 +15,6 @@ from trainer.feedback import FeedbackError, load_feedback
 from trainer.reward_training import (
     alignment_loss,
     best_threshold,
-    build_testbed_once,
     fit_cosine_affine,
     roc_auc,
     split_by_prompt,
@@ -61,7 +60,7 @@ def test_classification_term_is_cross_entropy_over_the_true_prompt(batch):
 
 
 def test_gradient_flows_to_the_head_only(batch):
-    from services.tiny_models import tiny_clip
+    from trainer.local_models.tiny import tiny_clip
 
     head, _, _, labels, _ = batch
     clip, processor = tiny_clip(seed=0)
@@ -105,30 +104,6 @@ def test_fit_cosine_affine_recovers_a_logistic_model():
     labels = torch.bernoulli(torch.sigmoid(30.0 * cosine - 6.0), generator=g)
     scale, bias = fit_cosine_affine(cosine, labels)
     assert scale == pytest.approx(30.0, rel=0.15) and bias == pytest.approx(-6.0, rel=0.15)
-
-
-def test_build_testbed_once_rebuilds_when_the_config_changes(tmp_path, monkeypatch):
-    import trainer.testbed
-
-    built = []
-
-    def fake_build(root, config, progress=True):  # records the call, writes the files build_testbed would
-        built.append(config.seed)
-        for name in ("clip/config.json", "train/feedback.jsonl", "heldout/feedback.jsonl"):
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            (root / name).write_text(str(config.seed))
-        return {name.split("/")[0]: root / name for name in ("clip", "train/feedback.jsonl", "heldout/feedback.jsonl")}
-
-    monkeypatch.setattr(trainer.testbed, "build_testbed", fake_build)
-    paths = build_testbed_once(tmp_path, seed=0)
-    assert paths["train"] == tmp_path / "train" / "feedback.jsonl" and built == [0]
-    assert build_testbed_once(tmp_path, seed=0) == paths and built == [0]  # cached
-    build_testbed_once(tmp_path, seed=1)  # another seed: rebuilt
-    assert built == [0, 1] and paths["train"].read_text() == "1"
-    # A marker from an older testbed (the paths only, no config) is stale.
-    (tmp_path / "testbed.json").write_text(json.dumps({"train": "train/feedback.jsonl"}))
-    build_testbed_once(tmp_path, seed=1)
-    assert built == [0, 1, 1]
 
 
 def test_auc_and_threshold_by_hand():

@@ -8,12 +8,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from trainer.selection import assemble_select, best_of_k, fuse, ranks, reward_weights
+from services.selection import best_of_k, fuse, ranks, reward_weights, select_samples
 
 # Small integer scores: ties are frequent.
 grids = st.tuples(st.integers(1, 5), st.integers(1, 6)).flatmap(
     lambda shape: arrays(np.float64, shape, elements=st.integers(-3, 3).map(float))
 )
+
+
+def assemble_select(rewards, method="borda", weights=None):
+    """The assemble strategy's picks as (prompt, sample) pairs."""
+    picks = select_samples(rewards, "assemble", next(iter(rewards)), weights=weights, fusion=method)
+    assert all(w == 1.0 for _, _, w in picks)
+    return [(g, j) for g, j, _ in picks]
 
 
 def brute_rank(group, i):

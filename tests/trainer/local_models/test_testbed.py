@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from trainer.testbed import (
+from trainer.local_models.testbed import (
     ATTRIBUTES,
     BACKGROUND_RGB,
     BACKGROUNDS,
@@ -69,7 +69,7 @@ def test_render_prompt_examples():
 
 
 def test_pretraining_captions_write_the_count_as_a_digit():
-    from services.tiny_models import tiny_tokenizer
+    from trainer.local_models.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     assert pretraining_caption({"count": 3, "color": "green", "object": "ball", "background": "city"}, True) == (

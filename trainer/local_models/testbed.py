@@ -420,7 +420,7 @@ def _build_clip(config: TestbedConfig):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from services.tiny_models import _clip_text_config, tiny_tokenizer
+    from trainer.local_models.tiny import _clip_text_config, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     hidden = config.clip_hidden

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+STRATEGIES = ("raft", "assemble", "weighted")
 FUSIONS = ("borda", "rrf")
 WEIGHTINGS = ("softmax", "minmax", "standardize")
 
@@ -90,16 +91,6 @@ def best_of_k(scores: np.ndarray, top_fraction: float = 1.0) -> list[tuple[int, 
     return [(g, int(winners[g])) for g in kept_prompts]
 
 
-def assemble_select(
-    scores_by_reward: Mapping[str, np.ndarray],
-    method: str = "borda",
-    weights: Mapping[str, float] | None = None,
-    top_fraction: float = 1.0,
-) -> list[tuple[int, int]]:
-    """Assemble reward-ranked learning (FineRewards): fuse the rewards' per-prompt ranks, keep each prompt's best."""
-    return best_of_k(fuse(scores_by_reward, method, weights), top_fraction)
-
-
 def reward_weights(scores: np.ndarray, method: str = "softmax", temperature: float = 1.0) -> np.ndarray:
     """Per-sample loss weights (G, K) from rewards, for reward-weighted likelihood (Lee et al.); each group sums to K.
 
@@ -125,3 +116,86 @@ def reward_weights(scores: np.ndarray, method: str = "softmax", temperature: flo
         )
     total = w.sum(axis=1, keepdims=True)
     return np.where(total > 0, w * k / np.where(total > 0, total, 1), 1.0)
+
+
+def select_samples(
+    scores_by_reward: Mapping[str, np.ndarray],
+    strategy: str,
+    primary: str,
+    *,
+    weights: Mapping[str, float] | None = None,
+    top_fraction: float = 1.0,
+    fusion: str = "borda",
+    rrf_k: float = 60.0,
+    weighting: str = "softmax",
+    temperature: float = 1.0,
+) -> list[tuple[int, int, float]]:
+    """A round's training samples as (prompt, sample, loss weight), from every reward's (G, K) scores.
+
+    raft: each prompt's best sample by the `primary` reward (weight 1). assemble (assemble reward-ranked learning,
+    FineRewards): each prompt's best by the fused per-prompt ranks of every reward, with `weights`. weighted (Lee et
+    al.): every sample with a positive weight from the primary reward.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; valid: {list(STRATEGIES)}")
+    if strategy == "raft":
+        return [(g, j, 1.0) for g, j in best_of_k(scores_by_reward[primary], top_fraction)]
+    if strategy == "assemble":
+        fused = fuse(scores_by_reward, fusion, weights, rrf_k)
+        return [(g, j, 1.0) for g, j in best_of_k(fused, top_fraction)]
+    scores = scores_by_reward[primary]
+    w = reward_weights(scores, weighting, temperature)  # (G, K), each row sums to K
+    return [(g, j, float(w[g, j])) for g in range(len(scores)) for j in range(scores.shape[1]) if w[g, j] > 0]
+
+
+# --- combining per-sample scores (the assemble application: samples of any prompts, NaN = not scored) ---------
+
+
+def combine_weighted_sum(
+    scores: dict[str, np.ndarray], weights: dict[str, float], calibration: dict[str, tuple[float, float]]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Weighted mean of calibrated scores over the components present (NaN = absent) for each sample.
+
+    scores: name -> (N,) raw scores; calibration: name -> (center, scale). Returns the combined (N,) (NaN where no
+    component is present) and name -> (N,) calibrated scores.
+    """
+    z = {name: (s - calibration[name][0]) / calibration[name][1] for name, s in scores.items()}
+    total = sum(np.where(np.isnan(v), 0.0, weights[name] * v) for name, v in z.items())
+    weight = sum(np.where(np.isnan(v), 0.0, weights[name]) for name, v in z.items())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan), z
+
+
+def combine_rank_fusion(
+    scores: dict[str, np.ndarray], weights: dict[str, float], groups: list[str], method: str, rrf_k: float
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Rank fusion within each group (samples sharing a prompt), normalised to [0, 1].
+
+    Each component ranks the group's samples it scored (NaN = absent, no points); a sample's fused score is its
+    points over the most points the components present for it could give. Returns the combined (N,) and
+    name -> (N,) points.
+    """
+    n = len(groups)
+    combined = np.full(n, np.nan)
+    points = {name: np.full(n, np.nan) for name in scores}
+    for group in dict.fromkeys(groups):
+        members = [i for i in range(n) if groups[i] == group]
+        got, best = np.zeros(len(members)), np.zeros(len(members))
+        for name, s in scores.items():
+            present = [j for j, i in enumerate(members) if not np.isnan(s[i])]
+            if not present:
+                continue
+            k = len(present)
+            # fuse() over one reward gives its rank points: borda K-1-rank, rrf 1/(rrf_k+rank+1).
+            p = fuse({name: s[[members[j] for j in present]][None, :]}, method, rrf_k=rrf_k)[0]  # (k,)
+            top = (k - 1) if method == "borda" else 1.0 / (rrf_k + 1.0)
+            for j, value in zip(present, p, strict=True):
+                points[name][members[j]] = value
+                got[j] += weights[name] * value
+                best[j] += weights[name] * top
+        for j, i in enumerate(members):
+            if best[j] > 0:
+                combined[i] = got[j] / best[j]
+            elif any(not np.isnan(s[i]) for s in scores.values()):
+                combined[i] = 1.0  # alone in its group (Borda gives no points to a single sample): ranked first
+    return combined, points
