@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from services.clip import clip_embeddings
 from services.models import resolve_model_source
 from services.rewards.alignment import (
     HeadConfig,
     build_head,
-    clip_embeddings,
     head_logits,
     save_alignment_model,
     set_cosine_affine,

@@ -91,30 +91,6 @@ def head_logits(head, image_emb, text_emb):
     return head(features).squeeze(-1)
 
 
-def clip_embeddings(clip, processor, images: Sequence[np.ndarray] | None, texts: Sequence[str] | None, device: str):
-    """Unit-norm CLIP embeddings: (image_emb (N, D) or None, text_emb (M, D) or None), float32 on CPU."""
-    import torch
-
-    def norm(x):
-        x = x if not hasattr(x, "pooler_output") else x.pooler_output  # newer transformers wrap features
-        return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
-
-    image_emb = text_emb = None
-    # no_grad, not inference_mode: training uses these embeddings as inputs of the head's autograd graph.
-    with torch.no_grad():
-        if images is not None and len(images):
-            pixels = processor(images=list(images), return_tensors="pt", input_data_format="channels_last")
-            image_emb = norm(clip.get_image_features(pixel_values=pixels["pixel_values"].to(device)))
-        if texts is not None and len(texts):
-            tokens = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
-            text_emb = norm(
-                clip.get_text_features(
-                    input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
-                )
-            )
-    return image_emb, text_emb
-
-
 def save_alignment_model(out_dir: str | Path, clip_source: str, head, head_config: HeadConfig, **extra: Any) -> Path:
     """Writes a trained reward directory (see the module docstring); `extra` goes into the JSON (e.g. metrics)."""
     from safetensors.torch import save_file
@@ -150,7 +126,8 @@ class Alignment(Reward):
         from safetensors.torch import load_file
         from transformers import CLIPModel, CLIPProcessor
 
-        from services.config import from_dict
+        from services.clip import clip_embeddings
+from services.config import from_dict
 
         self.device = device
         if self.head is None:

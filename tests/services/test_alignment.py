@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from services.clip import clip_embeddings
 from services.registry import build_reward
-from services.rewards.alignment import HeadConfig, build_head, clip_embeddings, save_alignment_model
+from services.rewards.alignment import HeadConfig, build_head, save_alignment_model
 from trainer.local_models.tiny import tiny_clip
 
 

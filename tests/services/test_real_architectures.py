@@ -219,7 +219,7 @@ def test_caption_reward_serves_blip2_captions_in_the_clip_l14_text_space(fleet, 
     `text_encoder.kind: clip`), served and in-process alike."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from services.rewards.alignment import clip_embeddings
+    from services.clip import clip_embeddings
 
     m = real_width_models
     app = cluster_app("caption")

@@ -1,0 +1,31 @@
+"""CLIP embeddings, computed one way for every reward and for reward training: unit-norm, float32, on CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def clip_embeddings(clip, processor, images: Sequence[np.ndarray] | None, texts: Sequence[str] | None, device: str):
+    """Unit-norm CLIP embeddings: (image_emb (N, D) or None, text_emb (M, D) or None), float32 on CPU."""
+    import torch
+
+    def norm(x):
+        x = x if not hasattr(x, "pooler_output") else x.pooler_output  # newer transformers wrap features
+        return torch.nn.functional.normalize(x.float(), dim=-1).cpu()
+
+    image_emb = text_emb = None
+    # no_grad, not inference_mode: training uses these embeddings as inputs of the head's autograd graph.
+    with torch.no_grad():
+        if images is not None and len(images):
+            pixels = processor(images=list(images), return_tensors="pt", input_data_format="channels_last")
+            image_emb = norm(clip.get_image_features(pixel_values=pixels["pixel_values"].to(device)))
+        if texts is not None and len(texts):
+            tokens = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
+            text_emb = norm(
+                clip.get_text_features(
+                    input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)
+                )
+            )
+    return image_emb, text_emb
