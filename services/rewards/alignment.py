@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from services.clip import clip_embeddings
 from services.models import resolve_model_source
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
@@ -126,8 +127,7 @@ class Alignment(Reward):
         from safetensors.torch import load_file
         from transformers import CLIPModel, CLIPProcessor
 
-        from services.clip import clip_embeddings
-from services.config import from_dict
+        from services.config import from_dict
 
         self.device = device
         if self.head is None:
