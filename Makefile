@@ -19,13 +19,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
-# Start the local fleet (embedded CPU profile), score example images over gRPC, print the scores, shut down.
+# Build the local profile's models (once), start the local fleet (embedded CPU profile), score example images over
+# gRPC, print the scores, fine-tune for 3 rounds, shut down.
 demo: venv
 	$(BIN)/python -m deploy.demo
 
-# Lint, then the whole suite (real local Ray cluster, Serve and gRPC on 127.0.0.1; no network, no GPU).
+# Lint, build the local profile's models (once, into ~/.cache/rewardfleet), then the whole suite (real local Ray
+# cluster, Serve and gRPC on 127.0.0.1; no network, no GPU).
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/rewardfleet build-local --no-progress
 	$(BIN)/python -m pytest -q
 
 lint: venv

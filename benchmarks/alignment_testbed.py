@@ -13,12 +13,11 @@ seed runs on one CPU thread; `--jobs` runs that many seeds at once in separate p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from services.config import apply_overrides, from_dict, load_yaml
+from services.config import apply_overrides, from_dict, load_yaml, replace
 from trainer.reward_training import RewardTrainingConfig, format_evaluation, train_reward
 
 
@@ -29,7 +28,7 @@ def run_seed(base: RewardTrainingConfig, seed: int, lambdas: tuple[float, float]
     torch.set_num_threads(1)  # the testbed's pretraining too: one thread per seed
     results, report = {}, []
     for lam in lambdas:
-        config = dataclasses.replace(
+        config = replace(
             base,
             seed=seed,
             lambda_cls=lam,

@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --scale test --device cpu   # the same steps on CPU, real widths, 1-2 layers
 
 No checkpoint is downloaded: every model is built from its release's config with random weights, written in the
-release's file layout and loaded through the same code as the real checkpoint (`services/tiny_models.py`
+release's file layout and loaded through the same code as the real checkpoint (`trainer/local_models/real_width.py`
 `real_width_*` builders; `full_depth=True` at `--scale full`). Vicuna-7B runs in vLLM with `load_format="dummy"`
 (random weights, no file) when vLLM is installed (`pip install .[vllm]`), else with transformers.
 
@@ -49,7 +49,7 @@ def log(message: str) -> None:
 
 def build_models(work: Path, full: bool) -> dict[str, Path]:
     """Step 1: every model the check serves or trains, with random weights, in its release's layout."""
-    from services import tiny_models as tm
+    from trainer.local_models import real_width as tm
 
     t0 = time.perf_counter()
     paths = {
@@ -78,7 +78,7 @@ def build_sam_vit_h(path: Path) -> Path:
 
 def reward_app(name: str, models: dict[str, Path], device: str, full: bool, vllm: bool) -> dict:
     """The cluster profile's application `name`, one replica, its model sources pointed at the built models."""
-    from trainer.local_models.tiny import REAL_WIDTH_SAM
+    from trainer.local_models.real_width import REAL_WIDTH_SAM
 
     profile = load_serve_config(DEPLOY_DIR / "cluster.yaml")
     app = copy.deepcopy(next(a for a in profile["applications"] if a["name"] == name))

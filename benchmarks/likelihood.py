@@ -95,7 +95,8 @@ def main() -> None:
 
     import torch
 
-    from services.llm_scorer import LikelihoodScorer, LLMConfig, likelihood_text, rating_token_ids
+    from services.llm_prompts import likelihood_text, rating_token_ids
+    from services.llm_scorer import LikelihoodScorer, LLMConfig
     from services.reward import SampleFailure
     from trainer.local_models.tiny import save_tiny_models
 

@@ -146,7 +146,7 @@ async def drive(target: str, app: str, samples, clients: int, seconds: float, ma
             try:
                 results = await client.ascore_samples(samples)
             except RewardServiceError as e:
-                run.request_errors[e.code.name if e.code else "PROTOCOL"] += 1
+                run.request_errors[e.status] += 1
                 continue
             run.latencies.append(time.perf_counter() - start)
             for r in results:

@@ -67,7 +67,7 @@ def main() -> None:
     from deploy.fleet import LOCAL_PROFILE, load_serve_config, start_fleet, stop_fleet
     from services.client import RewardClient
     from services.registry import build_reward
-    from trainer.local_models.tiny import save_tiny_models
+    from trainer.local_models.artifacts import build_local_artifacts
 
     # The profile's application, plus the same one with batching disabled; nothing else competes for the cores.
     config = load_serve_config(LOCAL_PROFILE)
@@ -91,8 +91,8 @@ def main() -> None:
         rows.append((case, rate, f"{pct(lat, 50):.1f}", f"{pct(lat, 99):.1f}"))
         return rate
 
-    # 1. In-process, the same reward and config as served.
-    save_tiny_models()
+    # 1. In-process, the same reward and config as served (the local profile's models: `rewardfleet build-local`).
+    build_local_artifacts(alignment=args.app == "alignment")
     torch.set_num_threads(1)
     reward = build_reward(base["args"]["reward"], base["args"].get("reward_config"))
     reward.load("cpu")

@@ -72,7 +72,7 @@ async def soak(target: str, app: str, samples, args) -> None:
             try:
                 results = await client.ascore_samples(samples)
             except RewardServiceError as e:
-                failed[e.code.name if e.code else "PROTOCOL"] += 1
+                failed[e.status] += 1
                 continue
             scored += sum(r.ok for r in results)
             failed.update(f"sample:{r.error_code}" for r in results if not r.ok)

@@ -1,5 +1,6 @@
 """The `rewardfleet` command line.
 
+rewardfleet build-local                # build the local profile's models into ~/.cache/rewardfleet (once)
 rewardfleet serve                      # local Ray cluster + the local profile; Ctrl-C shuts it down
 rewardfleet serve --config deploy/cluster.yaml --address auto
 rewardfleet score images/ --prompt "two green dogs in the city"
@@ -9,14 +10,13 @@ rewardfleet status                     # applications, replicas and health of th
 rewardfleet rewards
 rewardfleet train --with-fleet deploy/local.yaml       # fine-tune the tiny pipeline against a local fleet
 rewardfleet train --config trainer/configs/cluster.yaml --address auto
+rewardfleet train --list-options       # every fine-tuning config field, its default and what it means
 """
 
 from __future__ import annotations
 
 import json
-import math
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -24,10 +24,11 @@ from typing import Annotated
 import typer
 
 from deploy.fleet import LOCAL_PROFILE
+from deploy.scoring import read_pairs, score_files
+from deploy.tables import format_options, format_rounds, format_status, format_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Reward-scoring fleet for text-to-image models.")
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 DEFAULT_TARGET = "127.0.0.1:9000"
 
 
@@ -40,14 +41,26 @@ def serve(
     wait_for_resources: Annotated[
         bool, typer.Option(help="Skip the placement check: the cluster's autoscaler adds nodes on demand.")
     ] = False,
+    build_local: Annotated[
+        bool | None,
+        typer.Option(
+            help="Build the local profile's models (`rewardfleet build-local`) first. Default: only when serving the "
+            "built-in local profile."
+        ),
+    ] = None,
 ) -> None:
     """Start a Ray cluster (or join one) and serve every reward application of a Serve config over gRPC.
 
-    A config whose replicas the cluster cannot hold fails at once, naming the deployments and what they ask for."""
+    A config whose replicas the cluster cannot hold fails at once, naming the deployments and what they ask for. The
+    built-in local profile's models (under ~/.cache/rewardfleet) are built first, once."""
     from deploy.fleet import load_serve_config, start_fleet, stop_fleet
     from deploy.placement import PlacementError
 
     serve_config = load_serve_config(config, grpc_port=grpc_port)
+    if build_local is None:
+        build_local = config.resolve() == LOCAL_PROFILE
+    if build_local:
+        build_local_cmd(progress=True)
     stop = threading.Event()
     # SIGTERM (docker stop, kill) shuts down as cleanly as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -70,94 +83,6 @@ def serve(
     finally:
         typer.echo("shutting down...")
         stop_fleet(shutdown_ray=address is None)
-
-
-def read_pairs(path: Path, prompt: str | None) -> list[tuple[str, Path, str]]:
-    """(id, image path, prompt) from a folder of images + one prompt, or from a JSONL of {image, prompt[, id]}."""
-    if path.is_dir():
-        if not prompt:
-            raise typer.BadParameter("scoring a folder needs --prompt")
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise typer.BadParameter(f"no {sorted(IMAGE_SUFFIXES)} files in {path}")
-        return [(p.name, p, prompt) for p in files]
-    if path.suffix != ".jsonl":
-        raise typer.BadParameter(f"{path} is neither a folder of images nor a .jsonl file")
-    pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            image, row_prompt = row["image"], row.get("prompt", prompt)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise typer.BadParameter(f"{path}:{n}: expected {{'image': ..., 'prompt': ...}} ({e})") from None
-        if not row_prompt:
-            raise typer.BadParameter(f"{path}:{n}: no prompt (and no --prompt default)")
-        image_path = (path.parent / image) if not Path(image).is_absolute() else Path(image)
-        pairs.append((str(row.get("id", image)), image_path, row_prompt))
-    return pairs
-
-
-def score_files(
-    pairs: list[tuple[str, Path, str]], target: str, application: str, chunk: int = 64, progress: bool = True
-) -> list[dict]:
-    """Scores image files over gRPC (files travel encoded, as they are); one row per pair, in order."""
-    from tqdm import tqdm
-
-    from services.client import RewardClient
-
-    rows = []
-    with (
-        RewardClient(target, application) as client,
-        tqdm(
-            total=len(pairs), desc=f"scoring ({application})", unit="img", disable=not progress, file=sys.stderr
-        ) as bar,
-    ):
-        for start in range(0, len(pairs), chunk):
-            part = pairs[start : start + chunk]
-            images = []
-            for _, image_path, _ in part:
-                try:
-                    images.append(image_path.read_bytes())
-                except OSError as e:
-                    raise typer.BadParameter(f"cannot read {image_path}: {e}") from None
-            results = client.score(images, [p for _, _, p in part], ids=[i for i, _, _ in part])
-            for (sample_id, image_path, prompt), r in zip(part, results, strict=True):
-                rows.append(
-                    {
-                        "id": sample_id,
-                        "image": str(image_path),
-                        "prompt": prompt,
-                        "reward": None if math.isnan(r.reward) else r.reward,
-                        "components": r.components,
-                        **({"caption": r.caption} if r.caption is not None else {}),
-                        **({"segments": [s.__dict__ for s in r.segments]} if r.segments else {}),
-                        "error": f"{r.error_code}: {r.error_message}" if r.error_code else None,
-                    }
-                )
-            bar.update(len(part))
-    return rows
-
-
-def format_table(rows: list[dict]) -> str:
-    """A plain-text table: id, reward, components (and caption), error."""
-    header = ("id", "reward", "details")
-    lines = []
-    for r in rows:
-        details = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["components"].items()))
-        if r.get("caption") is not None:
-            details += f' caption="{r["caption"]}"'
-        if r.get("segments"):
-            details += " segments=" + ", ".join(f"{s['label']}:{s['likelihood']:.2f}" for s in r["segments"])
-        if r["error"]:
-            details = r["error"]
-        reward = "-" if r["reward"] is None else f"{r['reward']:.4f}"
-        lines.append((r["id"], reward, details))
-    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header[:2])]
-    out = [f"{header[0]:<{widths[0]}}  {header[1]:>{widths[1]}}  {header[2]}"]
-    out += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c}" for a, b, c in lines]
-    return "\n".join(out)
 
 
 @app.command()
@@ -208,58 +133,6 @@ def describe(
     typer.echo(json.dumps(MessageToDict(info, always_print_fields_with_no_presence=True), indent=2))
 
 
-def fleet_status(target: str | None, token: str | None, timeout_s: float) -> list[dict]:
-    """One row per Serve application of the connected cluster: Serve's status and replica counts, and a Describe
-    round trip over gRPC (the replica answered, through the proxy) with the provenance it reports."""
-    from google.protobuf.json_format import MessageToDict
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeInstanceDetails
-
-    from services.client import RewardClient, RewardServiceError
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
-        raise RuntimeError("Ray Serve is not running on this cluster (start the fleet with `rewardfleet serve`)")
-    details = ServeInstanceDetails(**client.get_serve_details())
-    if target is None:
-        target = f"127.0.0.1:{details.grpc_options.port}"
-    rows = []
-    for name, application in sorted(details.applications.items()):
-        deployments = [
-            {
-                "name": d.name,
-                "status": d.status.value,
-                "running": sum(r.state.value == "RUNNING" for r in d.replicas),
-                "target": d.target_num_replicas,
-            }
-            for d in application.deployments.values()
-        ]
-        row = {"application": name, "status": application.status.value, "message": application.message}
-        row["deployments"] = deployments
-        try:
-            with RewardClient(target, name, token=token, timeout_s=timeout_s, max_retries=0) as reward_client:
-                info = reward_client.describe()
-            row["health"] = "ok"
-            row["provenance"] = MessageToDict(info.provenance, preserving_proto_field_name=True)
-        except RewardServiceError as e:
-            row["health"] = f"{e.code.name if e.code else 'PROTOCOL'}: {e.details}"
-        rows.append(row)
-    return rows
-
-
-def format_status(rows: list[dict]) -> str:
-    header = ("application", "status", "replicas", "health", "fingerprint")
-    lines = []
-    for r in rows:
-        replicas = ", ".join(f"{d['name']} {d['running']}/{d['target']}" for d in r["deployments"])
-        fingerprint = r.get("provenance", {}).get("fingerprint", "")[:12]
-        lines.append((r["application"], r["status"], replicas, r["health"], fingerprint))
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    return "\n".join(
-        "  ".join(f"{c:<{w}}" for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *lines]
-    )
-
-
 @app.command()
 def status(
     address: Annotated[str, typer.Option(help="Ray cluster to ask ('auto': the one on this machine).")] = "auto",
@@ -274,17 +147,14 @@ def status(
 ) -> None:
     """List the fleet's applications: Serve status, replicas (running/target per deployment) and a Describe round
     trip over gRPC. Exits with 1 when an application is not RUNNING or does not answer."""
-    import os
-
     import ray
+
+    from deploy.fleet import fleet_status
+    from services.auth import token_from_env
 
     if output not in ("table", "json"):
         raise typer.BadParameter("--output must be table or json")
-    token = None
-    if token_env is not None:
-        token = os.environ.get(token_env)
-        if not token:
-            raise typer.BadParameter(f"environment variable {token_env} is unset or empty")
+    token = token_from_env(token_env, "--token-env", error=typer.BadParameter)
     connected_here = not ray.is_initialized()
     try:
         if connected_here:
@@ -316,10 +186,18 @@ def train_reward_cmd(
     config: Annotated[Path | None, typer.Option(help="YAML of RewardTrainingConfig fields.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: --set lambda_cls=0")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    list_options: Annotated[
+        bool, typer.Option(help="List every config field with its default and description, and exit.")
+    ] = False,
 ) -> None:
     """Train the learned alignment reward (Lee et al.) on binary feedback; evaluate it against CLIP score."""
-    from services.config import apply_overrides, from_dict, load_yaml
-    from trainer.reward_training import RewardTrainingConfig, format_evaluation, train_reward
+    from services.config import apply_overrides, describe_fields, from_dict, load_yaml
+    from trainer.reward_config import RewardTrainingConfig
+
+    if list_options:
+        typer.echo(format_options(describe_fields(RewardTrainingConfig)))
+        return
+    from trainer.reward_training import format_evaluation, train_reward
 
     data = apply_overrides(load_yaml(config) if config else {}, set_ or [])
     try:
@@ -329,24 +207,6 @@ def train_reward_cmd(
     evaluation = train_reward(cfg, progress=progress)
     typer.echo(format_evaluation(evaluation))
     typer.echo(f"reward written to {cfg.out_dir} (serve it with reward: alignment, model_dir: {cfg.out_dir})")
-
-
-def format_rounds(rows: list[dict], rewards: list[str]) -> str:
-    """One line per round: held-out mean +- SE and win rate vs the base model of each reward, and the wait share."""
-    header = f"{'round':>5}  " + "  ".join(f"{name + ' (held-out)':>34}  {'win':>5}" for name in rewards)
-    lines = [header + f"  {'loss':>7}  {'wait':>6}  {'round s':>7}"]
-    for row in rows:
-        cells = []
-        for name in rewards:
-            cell = f"{row[f'eval/{name}/mean']:.5g} +- {row[f'eval/{name}/se']:.2g}"
-            cells.append(f"{cell:>34}  {row[f'eval/{name}/win_rate']:>5.2f}")
-        loss = "-" if row.get("final") else f"{row['loss']:.4f}"
-        lines.append(
-            f"{row['round']:>5}  "
-            + "  ".join(cells)
-            + f"  {loss:>7}  {100 * row['time/wait_fraction']:>5.1f}%  {row['time/round_s']:>7.1f}"
-        )
-    return "\n".join(lines)
 
 
 @app.command()
@@ -367,15 +227,25 @@ def train(
     wait_for_resources: Annotated[
         bool, typer.Option(help="Skip the placement check: the cluster's autoscaler adds nodes on demand.")
     ] = False,
+    list_options: Annotated[
+        bool, typer.Option(help="List every config field (dotted, for --set) with its default and description.")
+    ] = False,
 ) -> None:
     """Fine-tune a text-to-image model with the fleet's rewards (Ray Train: sample, score, select, train).
 
     The job's workers (and the fleet it starts) are checked against the cluster's resources first: what cannot be
-    placed fails at once, named, instead of waiting."""
+    placed fails at once, named, instead of waiting. With --with-fleet deploy/local.yaml, the local profile's models
+    the job uses are built first (`rewardfleet build-local`); another config's models must exist."""
+    from trainer.config import FinetuneConfig, load_finetune_config
+
+    if list_options:
+        from services.config import describe_fields
+
+        typer.echo(format_options(describe_fields(FinetuneConfig)))
+        return
     import ray
 
     from deploy.placement import Demand, PlacementError, check_placement, free_resources
-    from trainer.config import load_finetune_config
     from trainer.finetune import improvement_summary, run_finetune
 
     try:
@@ -409,6 +279,10 @@ def train(
             missing = sorted(set(cfg.rewards.weights) - {a["name"] for a in apps})
             if missing:
                 raise typer.BadParameter(f"{with_fleet} has no application(s) {missing}")
+            if with_fleet.resolve() == LOCAL_PROFILE:  # its models, as `serve` builds them (the reward only if used)
+                from trainer.local_models.artifacts import build_local_artifacts
+
+                build_local_artifacts(progress=True, alignment="alignment" in cfg.rewards.weights)
             fleet = start_fleet(
                 {**serve_config, "applications": apps}, wait_for_resources=wait_for_resources, also_place=[workers]
             )
@@ -433,15 +307,15 @@ def train(
     typer.echo(f"latest checkpoint: {result.checkpoint}")
 
 
-@app.command("tiny-models")
-def tiny_models(
-    root: Annotated[Path | None, typer.Option(help="Where to write them (default ~/.cache/rewardfleet/tiny).")] = None,
-    force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
+@app.command("build-local")
+def build_local_cmd(
+    progress: Annotated[bool, typer.Option(help="Show a progress bar for the testbed reward's first build.")] = True,
 ) -> None:
-    """Write the tiny seeded models the local profile serves (done automatically on first `serve`)."""
-    from trainer.local_models.tiny import TINY_ROOT, save_tiny_models
+    """Build the local profile's models into ~/.cache/rewardfleet, once: the tiny seeded models (seconds) and the
+    alignment reward trained on the synthetic testbed (a few minutes on 2 cores). Later calls find them cached."""
+    from trainer.local_models.artifacts import build_local_artifacts
 
-    for name, path in save_tiny_models(root or TINY_ROOT, force=force).items():
+    for name, path in build_local_artifacts(progress=progress).items():
         typer.echo(f"{name}: {path}")
 
 

@@ -48,7 +48,7 @@ def make_example_images(folder: Path, seed: int = 0) -> list[Path]:
 
 def finetune(target: str, rounds: int = 3) -> bool:
     """Runs the local fine-tuning preset for a few rounds against the fleet; prints the rounds. True if it ran."""
-    from deploy.cli import format_rounds
+    from deploy.tables import format_rounds
     from trainer.config import load_finetune_config
     from trainer.finetune import improvement_summary, run_finetune
 
@@ -74,18 +74,20 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from deploy.cli import format_table, score_files
-    from deploy.fleet import LOCAL_PROFILE, load_serve_config, prepare_local_artifacts, start_fleet
+    from deploy.fleet import LOCAL_PROFILE, start_fleet
+    from deploy.scoring import score_files
+    from deploy.tables import format_table
+    from trainer.local_models.artifacts import build_local_artifacts
 
     # 1. Example images.
     images = make_example_images(OUT / "images")
     print(f"[demo] wrote {len(images)} example images to {OUT / 'images'}")
 
-    # 2. The local profile's models: built and cached on first use (the testbed alignment reward trains for a few
-    # minutes on 2 cores, once), found in ~/.cache/rewardfleet after that.
-    print("[demo] preparing the local profile's models (first use only: a few minutes; then cached)")
+    # 2. The local profile's models, as `rewardfleet build-local` builds them into ~/.cache/rewardfleet: the first
+    # time (the testbed alignment reward trains for a few minutes on 2 cores, once); cached after that.
+    print("[demo] building the local profile's models (first use only: a few minutes; then cached)")
     t0 = time.perf_counter()
-    prepare_local_artifacts(load_serve_config(LOCAL_PROFILE), progress=True)
+    build_local_artifacts(progress=True)
     print(f"[demo] models ready in {time.perf_counter() - t0:.1f}s")
 
     # 3. The local fleet (embedded profile: CPU, weight-free / tiny models), with default options as `rewardfleet

@@ -1,14 +1,15 @@
-"""Starting and stopping a fleet from a Serve config file, on a local or existing Ray cluster.
+"""Starting, stopping and checking a fleet from a Serve config file, on a local or existing Ray cluster.
 
 This deploys the file the way `serve run config.yaml` does (the controller applies the declarative config, so the
 `deployments:` overrides such as replicas and `ray_actor_options` take effect), then waits until every application
-answers `Describe` over gRPC: right after deployment the proxy can briefly answer NOT_FOUND.
+answers `Describe` over gRPC: right after deployment the proxy can briefly answer NOT_FOUND. `fleet_status` reports
+each application's state and a Describe round trip (`rewardfleet status`). Starting a fleet builds no models: the
+local profile's are built by `rewardfleet build-local`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,22 +93,6 @@ def _wait_until_running(apps: tuple[str, ...], timeout_s: float) -> None:
         time.sleep(0.25)
 
 
-def prepare_local_artifacts(config: dict[str, Any], progress: bool = False) -> None:
-    """Builds the seeded local-profile models a config points at, once: tiny models, the testbed alignment reward.
-
-    Both are deterministic functions of a seed, so every node builds the same weights; later starts find them cached.
-    `progress`: one progress bar for the testbed reward's first-use training (a few minutes on 2 cores).
-    """
-    from trainer.local_models.testbed_reward import TESTBED_REWARD_SPEC, ensure_testbed_reward
-    from trainer.local_models.tiny import TINY_ROOT_SPEC, save_tiny_models
-
-    text = json.dumps([app.get("args", {}) for app in config.get("applications", [])])
-    if TINY_ROOT_SPEC in text or str(Path(TINY_ROOT_SPEC).expanduser()) in text:
-        save_tiny_models()
-    if TESTBED_REWARD_SPEC in text or str(Path(TESTBED_REWARD_SPEC).expanduser()) in text:
-        ensure_testbed_reward(progress=progress)
-
-
 def start_fleet(
     config: dict[str, Any] | str | Path = LOCAL_PROFILE,
     *,
@@ -126,6 +111,9 @@ def start_fleet(
     `also_place` (placement Demands that will share the cluster, e.g. a fine-tuning job's workers), and raises
     PlacementError naming what does not fit. `wait_for_resources` skips the check, for a cluster whose autoscaler
     adds nodes on demand.
+
+    Builds nothing: the models a config points at must exist. The local profile's (under ~/.cache/rewardfleet) are
+    built by `rewardfleet build-local` (trainer.local_models.artifacts.build_local_artifacts).
     """
     import ray
     from ray import serve
@@ -142,13 +130,15 @@ def start_fleet(
     if not wait_for_resources:
         what = "the Serve config" + (" and the fine-tuning job" if also_place else "")
         check_placement(serve_demands(config) + list(also_place or []), cluster_nodes(), what)
-    prepare_local_artifacts(config)
     serve.start(
         proxy_location=schema.proxy_location,
         http_options=schema.http_options.model_dump(),
         grpc_options=schema.grpc_options.model_dump(),
     )
-    # The same call `serve run config.yaml` makes: the controller applies the whole declarative config.
+    # The same call `serve run config.yaml` makes: the controller applies the whole declarative config, with its
+    # `deployments:` overrides. Private API on purpose: Ray Serve has no public Python call that deploys a whole
+    # ServeDeploySchema (only the dashboard's REST API, PUT /api/serve/applications/, and the `serve deploy` CLI);
+    # `serve.run` takes one built application and ignores the file's per-deployment overrides.
     _get_global_client().deploy_apps(schema, _blocking=False)
     apps = tuple(app.name for app in schema.applications)
     _wait_until_running(apps, timeout_s)
@@ -171,3 +161,51 @@ def stop_fleet(shutdown_ray: bool = True) -> None:
         ray.shutdown()
     else:
         serve.shutdown()
+
+
+def fleet_status(target: str | None, token: str | None, timeout_s: float) -> list[dict]:
+    """One row per Serve application of the connected cluster: Serve's status and replica counts, and a Describe
+    round trip over gRPC (the replica answered, through the proxy) with the provenance it reports.
+
+    `target`: host:port of the gRPC proxy; None asks Serve for its gRPC port on 127.0.0.1.
+    Raises RuntimeError when Serve is not running on the cluster.
+    """
+    from google.protobuf.json_format import MessageToDict
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from services.client import RewardClient, RewardServiceError
+
+    # serve.status() (public) has each application's and deployment's status and replica states, but neither the
+    # target replica count nor the gRPC port; only the controller's instance details have those (publicly, through the
+    # dashboard's REST API, GET /api/serve/applications/, which clusters started by this CLI run without).
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        raise RuntimeError("Ray Serve is not running on this cluster (start the fleet with `rewardfleet serve`)")
+    details = client.get_serve_details()
+    if target is None:
+        target = f"127.0.0.1:{details['grpc_options']['port']}"
+    rows = []
+    for name, application in sorted(serve.status().applications.items()):
+        known = details["applications"].get(name, {}).get("deployments", {})  # None if deployed since
+        targets = {d: v["target_num_replicas"] for d, v in known.items()}
+        deployments = [
+            {
+                "name": deployment,
+                "status": d.status.value,
+                "running": sum(n for state, n in d.replica_states.items() if state == "RUNNING"),
+                "target": targets.get(deployment),
+            }
+            for deployment, d in application.deployments.items()
+        ]
+        row = {"application": name, "status": application.status.value, "message": application.message}
+        row["deployments"] = deployments
+        try:
+            with RewardClient(target, name, token=token, timeout_s=timeout_s, max_retries=0) as reward_client:
+                info = reward_client.describe()
+            row["health"] = "ok"
+            row["provenance"] = MessageToDict(info.provenance, preserving_proto_field_name=True)
+        except RewardServiceError as e:
+            row["health"] = f"{e.code.name if e.code else 'PROTOCOL'}: {e.details}"
+        rows.append(row)
+    return rows

@@ -20,7 +20,7 @@ added; the combined reward is one of:
   running mean and standard deviation of the component's scores seen by this replica (adapts to a new model, but a
   sample's score then depends on what came before). Range (-inf, inf); 0 = every component at its center.
 - `rank_fusion`: within each group of samples of the request that share a prompt, Borda or reciprocal-rank fusion
-  of the components' ranks (trainer/selection.py, the module the fine-tuning job uses), normalised to [0, 1]:
+  of the components' ranks (services/selection.py, shared with the fine-tuning job), normalised to [0, 1]:
   1 = ranked first by every component. A group of one sample scores 1.
 
 Failures: a `required` component's failure (its per-sample error, a timeout, an unreachable application) fails the
@@ -34,42 +34,43 @@ import json
 import math
 from typing import Any, Literal
 
-import grpc
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext
 
 from protos.reward.v1 import reward_pb2
-from services.codec import DEFAULT_MAX_IMAGE_PIXELS
+from services.admission import Admission, AdmissionArgs, application_name
+from services.auth import load_auth_token
+from services.config import Config, from_dict
+from services.metrics import RewardMetrics
+from services.provenance import build_provenance
 from services.selection import combine_rank_fusion, combine_weighted_sum
-from services.serving import (
-    GrpcGate,
-    RewardMetrics,
-    build_provenance,
-    load_auth_token,
-    request_limit_problem,
-)
 
 NAME = "assemble"
 
 
-class ComponentArgs(BaseModel):
+class ComponentArgs(Config):
     """One component reward of `assemble`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # The component's Serve application (its deployment is named "reward").
-    application: str
-    # Weight in the weighted mean (weighted_sum) or in the rank fusion.
-    weight: float = Field(default=1.0, gt=0.0)
-    # Required: a failure fails the sample. Optional: a failure is reported and the sample scored without it.
-    required: bool = True
-    # Seconds to wait for this component's answer to one request.
-    timeout_s: float = Field(default=30.0, gt=0.0)
-    # Fixed calibration z = (score - center) / scale; both or neither (then running statistics are used).
-    center: float | None = None
-    scale: float | None = Field(default=None, gt=0.0)
+    application: str = Field(description='The component\'s Serve application (its deployment is named "reward").')
+    weight: float = Field(
+        default=1.0, gt=0.0, description="Weight in the weighted mean (weighted_sum) or in the rank fusion."
+    )
+    required: bool = Field(
+        default=True,
+        description="Required: a failure fails the sample. Optional: a failure is reported and the sample scored "
+        "without it.",
+    )
+    timeout_s: float = Field(
+        default=30.0, gt=0.0, description="Seconds to wait for this component's answer to one request."
+    )
+    center: float | None = Field(
+        default=None,
+        description="Fixed calibration z = (score - center) / scale; give both center and scale or neither (then "
+        "running statistics are used).",
+    )
+    scale: float | None = Field(default=None, gt=0.0, description="Fixed calibration scale (see center).")
 
     @model_validator(mode="after")
     def _both_or_neither(self):
@@ -78,27 +79,27 @@ class ComponentArgs(BaseModel):
         return self
 
 
-class AssembleAppArgs(BaseModel):
-    """`args` of the assemble application in a Serve config file. Unknown keys are rejected."""
+class AssembleAppArgs(AdmissionArgs):
+    """`args` of the assemble application in a Serve config file. Unknown keys are rejected.
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Its request limits (AdmissionArgs) should stay within the components' own; with `auth_token_env`, gRPC calls
+    must carry the token. The components are called through DeploymentHandles inside the cluster, so their own
+    token checks do not apply to those calls.
+    """
 
-    components: list[ComponentArgs] = Field(min_length=1)
-    # weighted_sum (of calibrated scores) or rank_fusion (within groups of samples sharing a prompt).
-    combine: Literal["weighted_sum", "rank_fusion"] = "weighted_sum"
-    # rank_fusion: borda or rrf, and RRF's k.
-    fusion: Literal["borda", "rrf"] = "borda"
-    rrf_k: float = Field(default=60.0, gt=0.0)
-    # Running calibration: below this many scores seen, a component's z is 0 (its spread is not known yet).
-    min_running_samples: int = Field(default=16, ge=2)
-    # Request limits, as for a reward application (components may have tighter ones: keep these within theirs).
-    max_samples_per_request: int = Field(default=256, ge=1)
-    max_request_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(default=DEFAULT_MAX_IMAGE_PIXELS, ge=1)
-    # Name of an environment variable holding a shared token: gRPC calls must then send the metadata
-    # "authorization: Bearer <token>" (UNAUTHENTICATED otherwise). None = no check. The components are called
-    # through DeploymentHandles inside the cluster, so their own token checks do not apply to those calls.
-    auth_token_env: str | None = None
+    components: list[ComponentArgs] = Field(min_length=1, description="The component rewards (distinct applications).")
+    combine: Literal["weighted_sum", "rank_fusion"] = Field(
+        default="weighted_sum",
+        description="weighted_sum (of calibrated scores) or rank_fusion (within groups of samples sharing a prompt).",
+    )
+    fusion: Literal["borda", "rrf"] = Field(default="borda", description="rank_fusion: borda or rrf.")
+    rrf_k: float = Field(default=60.0, gt=0.0, description="rank_fusion with rrf: RRF's k.")
+    min_running_samples: int = Field(
+        default=16,
+        ge=2,
+        description="Running calibration: below this many scores seen, a component's z is 0 (its spread is not known "
+        "yet).",
+    )
 
     @model_validator(mode="after")
     def _distinct(self):
@@ -127,23 +128,28 @@ class RunningStats:
 
 
 @serve.deployment(name="assemble", ray_actor_options={"num_cpus": 0.5})
-class AssembleDeployment(GrpcGate):
+class AssembleDeployment:
     """Combines several reward applications behind one `reward.v1.RewardService`."""
 
     def __init__(self, args: AssembleAppArgs | dict[str, Any]):
-        self.args = AssembleAppArgs.model_validate(args)
-        self._token = load_auth_token(self.args.auth_token_env)
+        self.args = args if isinstance(args, AssembleAppArgs) else from_dict(AssembleAppArgs, args)
+        token = load_auth_token(self.args.auth_token_env)
         self.components = {c.application: c for c in self.args.components}
         self.stats = {name: RunningStats() for name in self.components}
         self._handles: dict[str, Any] = {}
-        try:
-            self.app_name = serve.get_replica_context().app_name
-        except Exception:  # outside a Serve replica
-            self.app_name = NAME
+        self.app_name = application_name(default=NAME)
         # Its own provenance covers the combining config; each response also carries every component's.
         config = self.args.model_dump(exclude={"auth_token_env"})
         self.provenance = build_provenance(NAME, self.app_name, config, models=[])
         self.metrics = RewardMetrics(NAME)
+        self.admission = Admission(
+            app_name=self.app_name,
+            reward_name=NAME,
+            token=token,
+            limits=self.args,
+            metrics=self.metrics,
+            provenance=self.provenance,
+        )
 
     def _handle(self, application: str):
         # Resolved on first use: the component applications may be deployed after this one.
@@ -156,18 +162,11 @@ class AssembleDeployment(GrpcGate):
     async def Score(
         self, request: reward_pb2.ScoreRequest | bytes, grpc_context: RayServegRPCContext | None = None
     ) -> reward_pb2.ScoreResponse:
-        if not self._admitted(grpc_context):
-            return reward_pb2.ScoreResponse()
+        # The components get the request as bytes, as the proxy would send it (they parse it once each).
         raw = request if isinstance(request, bytes) else request.SerializeToString()
-        problem = None
-        try:
-            request = reward_pb2.ScoreRequest.FromString(raw)
-        except Exception as e:  # protobuf's DecodeError
-            problem = f"request is not a valid reward.v1.ScoreRequest message ({e})"
-        problem = problem or self.request_problem(request)
-        if problem is not None:
-            self._reject(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, problem)
-            return reward_pb2.ScoreResponse(reward_name=NAME, provenance=self.provenance)
+        request = self.admission.score_request(raw, grpc_context)
+        if isinstance(request, reward_pb2.ScoreResponse):  # rejected; the status is set
+            return request
 
         # 1. Every component scores the whole request, concurrently, each under its own timeout.
         names = list(self.components)
@@ -175,7 +174,7 @@ class AssembleDeployment(GrpcGate):
         n = len(request.samples)
         scores = {name: np.full(n, np.nan) for name in names}
         errors: list[list[reward_pb2.ComponentError]] = [[] for _ in range(n)]
-        response = reward_pb2.ScoreResponse(reward_name=NAME, provenance=self.provenance)
+        response = self.admission.response()
         for name, answer in zip(names, answers, strict=True):
             component = self.components[name]
             if isinstance(answer, str):  # the whole call failed
@@ -226,14 +225,11 @@ class AssembleDeployment(GrpcGate):
             else:
                 result.reward = float(combined[i])
             response.results.append(result)
-        self.metrics.record_results(response.results)
-        return response
+        return self.admission.finish(response)
 
     async def Describe(
         self, request: reward_pb2.DescribeRequest, grpc_context: RayServegRPCContext | None = None
     ) -> reward_pb2.DescribeResponse:
-        if not self._admitted(grpc_context):
-            return reward_pb2.DescribeResponse()
         args = self.args
         parts = ", ".join(
             f"{c.application} (w={c.weight:g}, {'required' if c.required else 'optional'})" for c in args.components
@@ -244,17 +240,13 @@ class AssembleDeployment(GrpcGate):
         else:
             description = f"{args.fusion} rank fusion within samples sharing a prompt, in [0, 1], of: {parts}."
             low, high = 0.0, 1.0
-        return reward_pb2.DescribeResponse(
-            name=NAME,
+        return self.admission.describe(
+            grpc_context,
             description=description,
             min_reward=low,
             max_reward=high,
             higher_is_better=True,
-            max_samples_per_request=args.max_samples_per_request,
-            max_request_bytes=args.max_request_bytes,
-            max_image_pixels=args.max_image_pixels,
             config_json=json.dumps(args.model_dump(), sort_keys=True),
-            provenance=self.provenance,
         )
 
     # --- helpers ------------------------------------------------------------------------------------------------
@@ -293,11 +285,6 @@ class AssembleDeployment(GrpcGate):
             code=reward_pb2.ErrorCode.Value(code),
             message=message,
         )
-
-    def request_problem(self, request: reward_pb2.ScoreRequest) -> str | None:
-        """What makes the request as a whole invalid, or None (checked before any component is called)."""
-        args = self.args
-        return request_limit_problem(request, args.max_samples_per_request, args.max_request_bytes, set(), NAME)
 
 
 def build_app(args: AssembleAppArgs) -> serve.Application:

@@ -8,31 +8,32 @@
   codec on the hot path.
 - Big batches are split into requests under the server's limits (learnt once from `Describe`), several requests
   are kept in flight, and calls that fail with UNAVAILABLE or RESOURCE_EXHAUSTED, or INTERNAL because the replica
-  died under the request, are retried with exponential backoff.
+  died under the request, are retried with jittered exponential backoff (`services.retries`: one policy for the sync
+  and the async API).
 - `token=` sends `authorization: Bearer <token>` for applications that require one (`auth_token_env`).
 - Results come back one per sample, in input order: scored, or with the sample's error. A sample too large to send
   at all gets a NOT_SENT error. A call that still fails after its retries raises `RewardServiceError`: the caller
   never sees a silent zero.
 
-Importing this module is cheap (grpc, numpy, PIL; no torch).
+Importing this module is cheap (grpc, tenacity, numpy, PIL; no torch).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import random
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import tenacity
 
 from protos.reward.v1 import reward_pb2
 from services.codec import encode_image, to_hwc_uint8
+from services.retries import retry_policy
 from services.reward import SegmentScore
 
 _SCORE_METHOD = "/reward.v1.RewardService/Score"
@@ -51,35 +52,21 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-# Status codes worth retrying: the server is restarting, overloaded, or a replica is gone.
-RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
-# Serve's proxy answers INTERNAL with Ray's ActorDiedError / ActorUnavailableError text when the replica running a
-# request dies under it (killed, OOM, node lost). Scoring has no side effects, so those are retried too: Serve
-# routes the retry to a live replica.
-_REPLICA_LOST = ("The actor died unexpectedly", "The task may or may not have been executed on the actor")
-
-
-def is_retryable(code: grpc.StatusCode | None, details: str | None) -> bool:
-    """Whether a failed call may succeed if sent again (see RETRYABLE_CODES and _REPLICA_LOST)."""
-    if code in RETRYABLE_CODES:
-        return True
-    return code == grpc.StatusCode.INTERNAL and any(marker in (details or "") for marker in _REPLICA_LOST)
-
-
 class RewardServiceError(RuntimeError):
     """A Score/Describe call that failed for good (after retries, or with a non-retryable status)."""
 
     def __init__(self, application: str, code: grpc.StatusCode | None, details: str):
-        name = code.name if code is not None else "PROTOCOL"
-        super().__init__(f"reward application {application!r}: {name}: {details}")
+        # The status code's name, or PROTOCOL for a response that breaks the contract (wrong result count).
+        self.status = code.name if code is not None else "PROTOCOL"
+        super().__init__(f"reward application {application!r}: {self.status}: {details}")
         self.application = application
         self.code = code
         self.details = details
 
 
 @dataclass
-class ScoreResult:
-    """The score of one sample, or why it has none."""
+class SampleResult:
+    """The Python form of the wire's `reward.v1.SampleResult`: the score of one sample, or why it has none."""
 
     id: str
     # NaN when `error_code` is set.
@@ -96,7 +83,7 @@ class ScoreResult:
         return self.error_code is None
 
     @classmethod
-    def from_proto(cls, r: reward_pb2.SampleResult) -> ScoreResult:
+    def from_proto(cls, r: reward_pb2.SampleResult) -> SampleResult:
         error = r.error if r.HasField("error") else None
         return cls(
             id=r.id,
@@ -115,7 +102,7 @@ class ClientStats:
 
     # Score calls made, retries included.
     requests: int = 0
-    # Score calls retried after UNAVAILABLE / RESOURCE_EXHAUSTED.
+    # Calls retried (see `services.retries.is_retryable`).
     retries: int = 0
     samples: int = 0
 
@@ -166,13 +153,13 @@ class RewardClient:
             raise ValueError(f"image_format must be raw, png, jpeg or webp, got {image_format!r}")
         self.target = target
         self.application = application
+        # Our request limits (the server's apply as well), requests kept in flight, and each call's deadline.
         self.max_samples_per_request = max_samples_per_request
         self.max_request_bytes = max_request_bytes
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        # tenacity's arguments for every call, sync and async; each retry counts in `stats.retries`.
+        self.retry_policy = retry_policy(max_retries, backoff_s, max_backoff_s, on_retry=self._count_retry)
         self.image_format = image_format
         # Ask the server (Describe, once) for its limits and stay under them as well as under ours.
         self.discover_limits = discover_limits
@@ -214,7 +201,7 @@ class RewardClient:
         Each sample is serialized once and requests are framed from those bytes (the wire format of
         `repeated Sample samples = 1`), so a 25 MB batch is not copied and re-serialized per request.
         Returns the request bytes, the sample count of each request, and a slot per sample: the index of its
-        request, or a `ScoreResult` with a NOT_SENT error for a sample larger than the byte limit on its own.
+        request, or a `SampleResult` with a NOT_SENT error for a sample larger than the byte limit on its own.
         """
         max_samples, max_bytes = self.max_samples_per_request, self.max_request_bytes
         if self._server_limits is not None:
@@ -233,7 +220,7 @@ class RewardClient:
             size = s.ByteSize()  # what the server's byte limit counts
             if size > max_bytes:
                 slots.append(
-                    ScoreResult(
+                    SampleResult(
                         id=s.id,
                         reward=math.nan,
                         error_code="NOT_SENT",
@@ -252,7 +239,8 @@ class RewardClient:
             flush()
         return requests, counts, slots
 
-    def _assemble(self, counts, responses, slots) -> list[ScoreResult]:
+    def _results_in_order(self, counts, responses, slots) -> list[SampleResult]:
+        """One result per sample, in input order, from the responses of `plan`'s requests and its slots."""
         per_request = []
         for n, resp in zip(counts, responses, strict=True):
             if len(resp.results) != n:
@@ -262,15 +250,24 @@ class RewardClient:
             per_request.append(iter(resp.results))
         out = []
         for slot in slots:
-            out.append(slot if isinstance(slot, ScoreResult) else ScoreResult.from_proto(next(per_request[slot])))
+            out.append(slot if isinstance(slot, SampleResult) else SampleResult.from_proto(next(per_request[slot])))
         self.stats.samples += len(out)
         return out
 
     def _set_server_limits(self, info: reward_pb2.DescribeResponse) -> None:
         self._server_limits = (info.max_samples_per_request or 2**31, info.max_request_bytes or 2**62)
 
-    def _backoff(self, attempt: int) -> float:
-        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+    def _count_retry(self, _retry_state) -> None:
+        self.stats.retries += 1
+
+    def _error(self, e: grpc.RpcError) -> RewardServiceError:
+        return RewardServiceError(self.application, e.code(), e.details() or "")
+
+    def _open_channel(self, api) -> Any:
+        """A channel of `api` (grpc, or grpc.aio): TLS with `credentials`, else plaintext."""
+        if self.credentials is not None:
+            return api.secure_channel(self.target, self.credentials, options=self._options)
+        return api.insecure_channel(self.target, options=self._options)
 
     @staticmethod
     def _methods(channel) -> dict[str, Any]:
@@ -291,38 +288,33 @@ class RewardClient:
     def _sync(self) -> tuple[dict[str, Any], ThreadPoolExecutor]:
         with self._lock:
             if self._stub is None:
-                self._channel = (
-                    grpc.secure_channel(self.target, self.credentials, options=self._options)
-                    if self.credentials is not None
-                    else grpc.insecure_channel(self.target, options=self._options)
-                )
+                self._channel = self._open_channel(grpc)
                 self._stub = self._methods(self._channel)
                 self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="reward-client")
             return self._stub, self._pool
 
     def _call(self, method: str, request: Any) -> Any:
         stub, _ = self._sync()
-        for attempt in range(self.max_retries + 1):
-            self.stats.requests += method == "Score"
-            try:
-                return stub[method](request, timeout=self.timeout_s, metadata=self.metadata)
-            except grpc.RpcError as e:
-                if not is_retryable(e.code(), e.details()) or attempt == self.max_retries:
-                    raise RewardServiceError(self.application, e.code(), e.details() or "") from None
-                self.stats.retries += 1
-                time.sleep(self._backoff(attempt))
-        raise AssertionError("unreachable")
 
-    def score_samples(self, samples: Sequence[reward_pb2.Sample]) -> list[ScoreResult]:
+        def attempt():
+            self.stats.requests += method == "Score"
+            return stub[method](request, timeout=self.timeout_s, metadata=self.metadata)
+
+        try:
+            return tenacity.Retrying(**self.retry_policy)(attempt)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def score_samples(self, samples: Sequence[reward_pb2.Sample]) -> list[SampleResult]:
         """Scores prepared samples; see `score`."""
         if self.discover_limits and self._server_limits is None:
             self._set_server_limits(self.describe())
         requests, counts, slots = self.plan(samples)
         _, pool = self._sync()
         responses = list(pool.map(lambda r: self._call("Score", r), requests))
-        return self._assemble(counts, responses, slots)
+        return self._results_in_order(counts, responses, slots)
 
-    def score(self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None) -> list[ScoreResult]:
+    def score(self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None) -> list[SampleResult]:
         """Scores images against prompts; one result per image, in order."""
         return self.score_samples(self.make_samples(images, prompts, ids))
 
@@ -336,28 +328,23 @@ class RewardClient:
         loop = asyncio.get_running_loop()
         entry = self._aio.get(id(loop))
         if entry is None or entry[0] is not loop:  # ids of dead loops get reused
-            channel = (
-                grpc.aio.secure_channel(self.target, self.credentials, options=self._options)
-                if self.credentials is not None
-                else grpc.aio.insecure_channel(self.target, options=self._options)
-            )
+            channel = self._open_channel(grpc.aio)
             entry = self._aio[id(loop)] = (loop, channel, self._methods(channel))
         return entry[2]
 
     async def _acall(self, method: str, request: Any) -> Any:
         stub = self._async_stub()
-        for attempt in range(self.max_retries + 1):
-            self.stats.requests += method == "Score"
-            try:
-                return await stub[method](request, timeout=self.timeout_s, metadata=self.metadata)
-            except grpc.aio.AioRpcError as e:
-                if not is_retryable(e.code(), e.details()) or attempt == self.max_retries:
-                    raise RewardServiceError(self.application, e.code(), e.details() or "") from None
-                self.stats.retries += 1
-                await asyncio.sleep(self._backoff(attempt))
-        raise AssertionError("unreachable")
 
-    async def ascore_samples(self, samples: Sequence[reward_pb2.Sample]) -> list[ScoreResult]:
+        async def attempt():
+            self.stats.requests += method == "Score"
+            return await stub[method](request, timeout=self.timeout_s, metadata=self.metadata)
+
+        try:
+            return await tenacity.AsyncRetrying(**self.retry_policy)(attempt)
+        except grpc.RpcError as e:  # grpc.aio.AioRpcError is one
+            raise self._error(e) from None
+
+    async def ascore_samples(self, samples: Sequence[reward_pb2.Sample]) -> list[SampleResult]:
         """Scores prepared samples; see `ascore`."""
         if self.discover_limits and self._server_limits is None:
             self._set_server_limits(await self.adescribe())
@@ -369,11 +356,11 @@ class RewardClient:
                 return await self._acall("Score", request)
 
         responses = await asyncio.gather(*(one(r) for r in requests))
-        return self._assemble(counts, responses, slots)
+        return self._results_in_order(counts, responses, slots)
 
     async def ascore(
         self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
-    ) -> list[ScoreResult]:
+    ) -> list[SampleResult]:
         """Async `score`: the same results, without blocking the event loop."""
         return await self.ascore_samples(self.make_samples(images, prompts, ids))
 

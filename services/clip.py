@@ -1,4 +1,4 @@
-"""CLIP embeddings, computed one way for every reward and for reward training: unit-norm, float32, on CPU."""
+"""CLIP, loaded and embedded one way for every reward and for reward training: unit-norm float32 embeddings on CPU."""
 
 from __future__ import annotations
 
@@ -6,9 +6,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from services.models import load_pretrained
+
+
+def load_clip(source: str, owner: str, what: str = "CLIP model", revision: str | None = None):
+    """(CLIPModel, CLIPProcessor) from a model source (`services.models.resolve_model_source`), on CPU.
+
+    A source that cannot be read raises FileNotFoundError naming `owner`, `what` and `source`.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    processor = load_pretrained(CLIPProcessor.from_pretrained, source, owner, what, revision=revision)
+    model = load_pretrained(CLIPModel.from_pretrained, source, owner, what, revision=revision)
+    return model, processor
+
 
 def clip_embeddings(clip, processor, images: Sequence[np.ndarray] | None, texts: Sequence[str] | None, device: str):
-    """Unit-norm CLIP embeddings: (image_emb (N, D) or None, text_emb (M, D) or None), float32 on CPU."""
+    """Unit-norm CLIP embeddings: (image_emb (N, D) or None, text_emb (M, D) or None), float32 on CPU.
+
+    `images` are (H, W, 3) uint8 arrays, all embedded in one forward pass (callers batch); None or empty gives None.
+    """
     import torch
 
     def norm(x):

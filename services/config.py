@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,6 +43,10 @@ class Config(BaseModel):
             super().__init__(**data)
         except ValidationError as e:
             raise ConfigError(format_errors(type(self), e, type(self).__name__)) from None
+
+    # This __init__ only validates (as BaseModel's does): nested configs are then validated by pydantic itself, so
+    # their errors keep their dotted path ("FinetuneConfig.optim.lr") instead of arriving pre-formatted.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is frozen: build a new one (services.config.replace)")
@@ -158,8 +162,11 @@ def describe_fields(cls: type[BaseModel], prefix: str = "") -> Iterator[tuple[st
         if nested is not None and info.default_factory is not None:
             yield from describe_fields(nested, f"{prefix}{name}.")
             continue
-        default = info.get_default(call_default_factory=True)
-        shown = json.dumps(default.model_dump() if isinstance(default, BaseModel) else default, default=str)
+        if info.is_required():
+            shown = "(required)"
+        else:
+            default = info.get_default(call_default_factory=True)
+            shown = json.dumps(default.model_dump() if isinstance(default, BaseModel) else default, default=str)
         yield f"{prefix}{name}", shown, info.description or ""
 
 
@@ -172,9 +179,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_jsonl(
+    path: str | Path, on_error: Callable[[str], None] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, record) for each non-empty line of a JSONL file; a line that is not a JSON object raises
-    ValueError naming the file and line."""
+    ValueError naming the file and line.
+
+    With `on_error`, such a line is passed to it as that message and skipped instead, so a reader can report every
+    bad line of a file at once."""
     with open(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -182,10 +194,15 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+                problem = f"{path}:{number}: not valid JSON ({e.msg})"
+            else:
+                if isinstance(record, dict):
+                    yield number, record
+                    continue
+                problem = f"{path}:{number}: expected a JSON object, got {type(record).__name__}"
+            if on_error is None:
+                raise ValueError(problem)
+            on_error(problem)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

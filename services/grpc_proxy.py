@@ -4,7 +4,7 @@ It registers `reward.v1.RewardService` like the generated `add_RewardServiceServ
 `Score` requests pass through the proxy as raw bytes. Serve's proxy keeps each method's request deserializer, and
 with the generated one it parses every request and then pickles the parsed message to the replica: for a batch of
 32 raw 512x512 images (25 MB) that cost about 80 ms of proxy CPU per request, more than the reward itself. With
-bytes, the proxy forwards a buffer and the replica parses once (`RewardDeployment.Score`).
+bytes, the proxy forwards a buffer and the replica parses once (`services.admission.Admission.score_request`).
 
 It also registers standard gRPC health checking (`grpc.health.v1.Health`), answered by the proxy itself rather than
 routed to an application, so load balancers and Kubernetes `grpc` probes need no "application" metadata.

@@ -61,7 +61,7 @@ class SampleFailure:
 class ModelSource:
     """A model a reward loads: its role and where the weights come from (hub id or local path).
 
-    `Describe` lists them, and the replica's provenance covers them (`services.serving.build_provenance`).
+    `Describe` lists them, and the replica's provenance covers them (`services.provenance.build_provenance`).
     """
 
     # Role of the model in the reward, e.g. "captioner".
@@ -90,7 +90,7 @@ class Reward(abc.ABC):
 
     # Registered name (snake_case, = file stem = Serve application name); set by `register`.
     name: ClassVar[str] = ""
-    # The reward's frozen config dataclass.
+    # The reward's config: a `services.config.Config` subclass (frozen, validated, a description per field).
     Config: ClassVar[type]
 
     def __init__(self, config: Any = None):

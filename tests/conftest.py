@@ -108,9 +108,8 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def tiny_testbed(tmp_path_factory) -> dict:
     """A tiny seeded feedback testbed (stand-in CLIP, train and held-out feedback), built once per session."""
-    from dataclasses import replace
-
-    from tests.trainer.test_testbed import TINY
+    from services.config import replace
+    from tests.trainer.local_models.test_testbed import TINY
     from trainer.local_models.testbed import build_testbed
 
     return build_testbed(tmp_path_factory.mktemp("testbed"), replace(TINY, images_per_prompt=2))
@@ -145,7 +144,17 @@ def tiny_alignment_reward(tiny_testbed, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def fleet(ray_cluster, tiny_alignment_reward):
+def local_artifacts() -> dict:
+    """The local profile's models under ~/.cache/rewardfleet (`rewardfleet build-local`, which `make test` runs
+    first), so plain `pytest` works too. Not its testbed alignment reward: the test fleet serves one trained on a tiny
+    testbed instead (`tiny_alignment_reward`)."""
+    from trainer.local_models.artifacts import build_local_artifacts
+
+    return build_local_artifacts(alignment=False)
+
+
+@pytest.fixture(scope="session")
+def fleet(ray_cluster, local_artifacts, tiny_alignment_reward):
     """The local profile served for real: Serve gRPC proxy on 127.0.0.1:<free port>."""
     from deploy.fleet import start_fleet, stop_fleet
 
@@ -157,11 +166,11 @@ def fleet(ray_cluster, tiny_alignment_reward):
 @pytest.fixture(scope="session")
 def real_width_models(tmp_path_factory) -> dict:
     """The cluster profile's models at their released widths and file layouts, 1-2 layers, random weights
-    (`trainer.local_models.tiny.save_real_width_models`), built once per session in about 20 s. They take 2.3 GB of
-    disk, so they are removed at the end rather than kept with pytest's last three sessions' temporary files."""
+    (`trainer.local_models.real_width.save_real_width_models`), built once per session in about 20 s. They take 2.3
+    GB of disk, so they are removed at the end rather than kept with pytest's last three sessions' temporary files."""
     import shutil
 
-    from trainer.local_models.tiny import save_real_width_models
+    from trainer.local_models.real_width import save_real_width_models
 
     root = tmp_path_factory.mktemp("real_width")
     yield save_real_width_models(root)

@@ -12,13 +12,13 @@ prompt-classification augmentation during training.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from services.codec import ImageError, decode_encoded
+from services.config import read_jsonl
 
 ATTRIBUTE_FIELDS = ("count", "color", "object", "background")
 
@@ -54,14 +54,11 @@ def load_feedback(path: str | Path, check_images: bool = True, max_errors: int =
     if not path.is_file():
         raise FeedbackError(f"feedback file {path} does not exist")
     samples, errors = [], []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, row in read_jsonl(path, on_error=errors.append):  # bad JSON lines go to `errors` too
+        if len(errors) >= max_errors:
+            break
         where = f"{path}:{n}"
         try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("expected a JSON object")
             missing = [k for k in ("image", "prompt", "label") if k not in row]
             if missing:
                 raise ValueError(f"missing field(s) {missing}")
@@ -77,11 +74,10 @@ def load_feedback(path: str | Path, check_images: bool = True, max_errors: int =
             samples.append(FeedbackSample(image, row["prompt"], label, attrs, n))
         except ImageError as e:
             errors.append(f"{where}: unreadable image {row['image']!r}: {e.message}")
-        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        except (ValueError, TypeError) as e:
             errors.append(f"{where}: {e}")
-        if len(errors) >= max_errors:
-            errors.append("(stopped after this many errors)")
-            break
+    if len(errors) >= max_errors:
+        errors = [*errors[:max_errors], "(stopped after this many errors)"]
     if errors:
         raise FeedbackError(f"{len(errors)} problem(s) in {path}:\n" + "\n".join(errors))
     if not samples:

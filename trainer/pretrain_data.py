@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from services.codec import ImageError, decode_encoded
+from services.config import read_jsonl
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -45,15 +46,9 @@ def load_pretrain_pairs(path: str | Path, resolution: int) -> tuple[np.ndarray, 
             images.append(_load_image(image_path, resolution, str(image_path)))
             prompts.append(caption.read_text().strip())
     elif path.is_file():
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
+        for number, record in read_jsonl(path):
             where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
+            if not isinstance(record.get("image"), str):
                 raise ValueError(f"{where}: expected an object with string 'image' and 'prompt'")
             if not isinstance(record.get("prompt"), str) or not record["prompt"].strip():
                 raise ValueError(f"{where}: 'prompt' must be a non-empty string")
@@ -73,7 +68,7 @@ def write_rendered_pairs(out_dir: str | Path, n: int, resolution: int, seed: int
     """
     from PIL import Image
 
-    from trainer.local_models.testbed import random_attrs, render_image, render_prompt
+    from trainer.local_models.scenes import random_attrs, render_image, render_prompt
 
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)

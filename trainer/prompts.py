@@ -5,16 +5,18 @@
     generate_prompts(100, seed=0)   # "two green dogs in the city", ...
 
 `split_train_eval` keeps held-out evaluation prompts disjoint from the training prompts, so a reward gain on them
-is not memorisation of the training prompts.
+is not memorisation of the training prompts; `resolve_prompts` gives the fine-tuning job both, as its config says.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
+
+from services.config import read_jsonl
+from trainer.config import PromptsConfig
 
 # Lee et al.'s prompts combine a count, a color, an object and a background ("two green dogs in the city").
 COUNTS = ("one", "two", "three", "four")
@@ -53,21 +55,16 @@ def load_prompts(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        line = line.strip()
-        if not line or (path.suffix != ".jsonl" and line.startswith("#")):
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            prompt = record.get("prompt") if isinstance(record, dict) else None
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, record in read_jsonl(path):
+            prompt = record.get("prompt")
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"{path}:{number}: expected an object with a non-empty string 'prompt'")
-            line = prompt.strip()
-        prompts.append(line)
+            prompts.append(prompt.strip())
+    else:
+        lines = (line.strip() for line in path.read_text().splitlines())
+        prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompts")
     return prompts
@@ -88,3 +85,20 @@ def split_train_eval(prompts: list[str], eval_count: int, seed: int = 0) -> tupl
     train = [p for i, p in enumerate(unique) if i not in held]
     evals = [p for i, p in enumerate(unique) if i in held]
     return train, evals
+
+
+def resolve_prompts(config: PromptsConfig, seed: int) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts), disjoint."""
+    if config.eval_file:
+        train = load_prompts(config.train_file) if config.train_file else generate_prompts(config.generate, seed)
+        evals = list(dict.fromkeys(load_prompts(config.eval_file)))
+        overlap = sorted(set(train) & set(evals))
+        if overlap:
+            raise ValueError(f"{len(overlap)} held-out prompt(s) are also training prompts, e.g. {overlap[0]!r}")
+        return list(dict.fromkeys(train)), evals
+    pool = (
+        load_prompts(config.train_file)
+        if config.train_file
+        else generate_prompts(config.generate + config.eval_count, seed)
+    )
+    return split_train_eval(pool, config.eval_count, seed)

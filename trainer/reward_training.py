@@ -14,6 +14,8 @@ pick the epoch count by early stopping, after which the head is refit on all tra
 and held-out prompts serve only the final evaluation. It reports accuracy and AUC of the learned reward against the
 CLIP-score baseline (cosine of the same CLIP's embeddings). CLIP score's decision threshold is the best one on the
 training feedback; the learned reward, a predicted probability, decides at 0.5. The ROC curves are written to a PNG.
+
+The config is trainer/reward_config.py (RewardTrainingConfig); the evaluation is trainer/reward_eval.py.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from services.clip import clip_embeddings
+from services.config import to_dict
 from services.models import resolve_model_source
 from services.rewards.alignment import (
     HeadConfig,
@@ -37,69 +39,12 @@ from services.rewards.alignment import (
     set_cosine_affine,
 )
 from trainer.feedback import FeedbackSample, load_feedback, load_images
+from trainer.reward_config import RewardTrainingConfig
 
+# The config and the evaluation have modules of their own; these names are re-exported for the CLI.
+from trainer.reward_eval import evaluate, format_evaluation, plot_roc, roc_auc
 
-@dataclass(frozen=True)
-class RewardTrainingConfig:
-    # Where the trained reward directory (alignment_reward.json, head.safetensors, metrics, ROC plot) goes.
-    out_dir: str = "runs/alignment_reward"
-    # Build the synthetic feedback testbed here (once) and train on it; None = use feedback/heldout_feedback/clip.
-    testbed: str | None = "runs/testbed"
-    # Training feedback JSONL (when testbed is None).
-    feedback: str | None = None
-    # Held-out feedback JSONL, used only for the final evaluation; None = hold out heldout_fraction of the training
-    # feedback's prompts instead (split by prompt).
-    heldout_feedback: str | None = None
-    heldout_fraction: float = 0.2
-    # Fraction of the training prompts held out as validation for early stopping (split by prompt, so validation
-    # prompts are unseen, as held-out ones will be). The held-out feedback never steers training.
-    val_fraction: float = 0.2
-    # After early stopping picked the epoch count, train again from scratch on all training feedback (validation
-    # prompts included) for that many epochs. On the testbed the validation split is a fifth of the prompts.
-    refit: bool = True
-    # The frozen CLIP (when testbed is None): hub id or local directory.
-    clip: str = "openai/clip-vit-large-patch14"
-    device: str = "cpu"
-    # MLP head: hidden widths and dropout (0.3 rather than 0.1: on the testbed, equal or up to 1 point better).
-    hidden_sizes: tuple[int, ...] = (128, 32)
-    dropout: float = 0.3
-    # Residual head (HeadConfig.residual): the MLP corrects the CLIP-score classifier it starts from, fitted to the
-    # training feedback. On the testbed (seed 0) it scores 2-4 accuracy points above a plain MLP head.
-    residual: bool = True
-    # AdamW.
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    # At most this many epochs; stop after `patience` epochs without a better validation score.
-    epochs: int = 200
-    patience: int = 40
-    # What early stopping watches on the validation prompts: "auc" or "mse" (the loss's first term). AUC rather than
-    # MSE: on the testbed (seed 0) the validation MSE rises for 40 epochs while the head learns the number words, and
-    # stopping on it kept epoch 1 (held-out accuracy 0.735); the validation AUC climbs steadily and chose 140 (0.820).
-    early_stopping: str = "auc"
-    # lambda: weight of the prompt-classification loss (0 = plain MSE, no augmentation).
-    lambda_cls: float = 0.5
-    # N: prompts per classification (the true one + N - 1 perturbations).
-    num_prompts: int = 4
-    # T: temperature of the classification logits r(x, z_j) / T (r is in [0, 1], so T < 1 sharpens). 0.5 rather
-    # than 0.1: with 0.1 the residual head lost about 4 accuracy points on the testbed; 0.25 to 1 score alike.
-    temperature: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.testbed is None and self.feedback is None:
-            raise ValueError("set `testbed` (a directory) or `feedback` (a JSONL)")
-        if self.num_prompts < 2:
-            raise ValueError(
-                f"num_prompts must be >= 2 (the true prompt and at least one other), got {self.num_prompts}"
-            )
-        if self.temperature <= 0 or self.lambda_cls < 0:
-            raise ValueError("temperature must be > 0 and lambda_cls >= 0")
-        if self.early_stopping not in ("mse", "auc"):
-            raise ValueError(f"early_stopping must be 'mse' or 'auc', got {self.early_stopping!r}")
-        for name in ("val_fraction", "heldout_fraction"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+__all__ = ["RewardTrainingConfig", "alignment_loss", "fit_cosine_affine", "format_evaluation", "train_reward"]
 
 
 def alignment_loss(head, image_emb, text_emb, labels, aug_text_emb=None, lambda_cls: float = 0.0, temperature=1.0):
@@ -122,37 +67,7 @@ def alignment_loss(head, image_emb, text_emb, labels, aug_text_emb=None, lambda_
     return mse + lambda_cls * cls, {"mse": float(mse.detach()), "cls": float(cls.detach())}
 
 
-# --- metrics ------------------------------------------------------------------------------------------------------
-
-
-def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a random positive > score of a random negative), ties counting half."""
-    pos, neg = scores[labels == 1], scores[labels == 0]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
-    return float(greater / (len(pos) * len(neg)))
-
-
-def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(false positive rates, true positive rates) over every threshold, from (0, 0) to (1, 1)."""
-    order = np.argsort(-scores, kind="stable")
-    hits = labels[order] == 1
-    tpr = np.concatenate([[0.0], np.cumsum(hits) / max(1, hits.sum())])
-    fpr = np.concatenate([[0.0], np.cumsum(~hits) / max(1, (~hits).sum())])
-    return fpr, tpr
-
-
-def best_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The threshold (score >= t means good) with the highest accuracy on these scores."""
-    values = np.unique(scores)
-    candidates = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-6]])
-    accuracy = [np.mean((scores >= t) == (labels == 1)) for t in candidates]
-    return float(candidates[int(np.argmax(accuracy))])
-
-
-def accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:
-    return float(np.mean((scores >= threshold) == (labels == 1)))
+# --- training ----------------------------------------------------------------------------------------------------
 
 
 def fit_cosine_affine(cosine, labels, steps: int = 100) -> tuple[float, float]:
@@ -177,9 +92,6 @@ def fit_cosine_affine(cosine, labels, steps: int = 100) -> tuple[float, float]:
     optimizer.step(closure)
     scale, bias = params.detach()
     return float(scale / std), float(bias - scale * mean / std)
-
-
-# --- data ---------------------------------------------------------------------------------------------------------
 
 
 def split_by_prompt(samples: list[FeedbackSample], val_fraction: float, seed: int):
@@ -218,9 +130,6 @@ def _embed_samples(samples, clip, processor, texts: _TextCache, device: str, bat
     return torch.cat(images), texts([s.prompt for s in samples])  # (N, D), (N, D)
 
 
-# --- training -----------------------------------------------------------------------------------------------------
-
-
 def train_reward(config: RewardTrainingConfig, progress: bool = True) -> dict[str, Any]:
     """Trains the head, evaluates it against the CLIP-score baseline, writes the reward directory; returns eval."""
     import torch
@@ -250,7 +159,7 @@ def _fit(config: RewardTrainingConfig, samples, data, val_data, epochs: int, tex
     import torch
     from tqdm import tqdm
 
-    from trainer.local_models.testbed import perturb, render_prompt
+    from trainer.local_models.scenes import perturb, render_prompt
 
     image, text, labels = data
     torch.manual_seed(config.seed)
@@ -372,13 +281,7 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
         head, head_config, refit_history = _fit(config, fit_samples, fit_data, None, best_epochs, texts, progress)
 
     # 4. Evaluation on unseen prompts: learned reward vs CLIP score.
-    (fit_img, fit_txt, fit_y), (held_img, held_txt, held_y) = fit_data, data["heldout"]
-    with torch.no_grad():
-        scores = {  # (H,) each
-            "learned reward": torch.sigmoid(head_logits(head, held_img, held_txt)).numpy(),
-            "CLIP score": (held_img * held_txt).sum(-1).numpy(),
-        }
-    yva = held_y.numpy()
+    metrics, scores = evaluate(head, fit_data, data["heldout"])
     evaluation: dict[str, Any] = {
         "train_samples": len(fit_samples),
         "train_prompts": len({s.prompt for s in fit_samples}),
@@ -389,22 +292,9 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
         "epochs_run": len(history),
         "refit": config.refit,
         "seconds": round(time.perf_counter() - started, 1),
-        "config": asdict(config),
+        "config": to_dict(config),
     }
-    # The learned reward predicts P(good): its decision rule is r >= 0.5, the accuracy-optimal threshold for a
-    # calibrated probability. A threshold fitted on its own training feedback is overconfident (240-prompt testbed,
-    # seed 2: 0.76, held-out accuracy 0.750 against 0.773 at 0.5). CLIP score has no scale of its own: its threshold
-    # is the best one on the training feedback.
-    thresholds = {
-        "learned reward": 0.5,
-        "CLIP score": best_threshold((fit_img * fit_txt).sum(-1).numpy(), fit_y.numpy()),
-    }
-    for name, s_held in scores.items():
-        t = thresholds[name]
-        evaluation[name] = {"threshold": t, "accuracy": accuracy(s_held, yva, t), "auc": roc_auc(s_held, yva)}
-    evaluation["accuracy_gain_points"] = 100 * (
-        evaluation["learned reward"]["accuracy"] - evaluation["CLIP score"]["accuracy"]
-    )
+    evaluation.update(metrics)
 
     # 5. Outputs: the reward directory (self-contained: a local CLIP is copied in), metrics, ROC plot.
     if Path(source).is_dir():
@@ -417,39 +307,6 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
     if refit_history:
         (out / "metrics_refit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refit_history))
     (out / "eval.json").write_text(json.dumps(evaluation, indent=2))
-    plot_roc({name: (s_held, yva) for name, s_held in scores.items()}, out / "roc.png")
+    labels = data["heldout"][2].numpy()
+    plot_roc({name: (held, labels) for name, held in scores.items()}, out / "roc.png")
     return evaluation
-
-
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    for name, (scores, labels) in curves.items():
-        fpr, tpr = roc_curve(scores, labels)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(scores, labels):.3f})")
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="held-out feedback (unseen prompts)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def format_evaluation(evaluation: dict[str, Any]) -> str:
-    e = evaluation
-    lines = [
-        f"held-out feedback: {e['heldout_samples']} samples, {e['heldout_prompts']} prompts unseen in training",
-        f"early stopping on {e['val_prompts']} validation prompts: {e['best_epochs']} epochs"
-        + (f", then refit on all {e['train_prompts']} training prompts" if e["refit"] else "")
-        + f"; {e['seconds']}s",
-        f"{'method':<16} {'accuracy':>9} {'AUC':>7}",
-    ]
-    for name in ("learned reward", "CLIP score"):
-        m = evaluation[name]
-        lines.append(f"{name:<16} {m['accuracy']:>9.3f} {m['auc']:>7.3f}")
-    lines.append(f"learned reward - CLIP score: {evaluation['accuracy_gain_points']:+.1f} accuracy points")
-    return "\n".join(lines)

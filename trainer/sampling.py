@@ -28,15 +28,15 @@ def sample_seed(*key: int) -> int:
 
 
 def torch_dtype(name: str):
-    """The torch dtype of an explicit model.dtype (fp32, fp16, bf16)."""
+    """The torch dtype of an explicit model.dtype (float32, float16, bfloat16): torch's own name for it."""
     import torch
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def resolve_dtype(name: str, device="cpu"):
-    """The torch dtype of model.dtype on `device`; auto: bf16 on CUDA devices with native bf16, fp16 on older CUDA
-    devices (trained with loss scaling), fp32 elsewhere (CPU autocast is slow and gains nothing)."""
+    """The torch dtype of model.dtype on `device`; auto: bfloat16 on CUDA devices with native bf16, float16 on older
+    CUDA devices (trained with loss scaling), float32 elsewhere (CPU autocast is slow and gains nothing)."""
     import torch
 
     if name != "auto":

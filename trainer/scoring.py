@@ -11,12 +11,12 @@ A reward call that still fails after the client's retries, and any per-sample er
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from services.auth import token_from_env
 from services.client import RewardClient, RewardServiceError
 from trainer.config import RewardsConfig
 
@@ -28,13 +28,7 @@ class RewardRoundError(RuntimeError):
 class BackgroundScorer:
     def __init__(self, config: RewardsConfig):
         self.config = config
-        token = None
-        if config.token_env is not None:
-            token = os.environ.get(config.token_env, "").strip()
-            if not token:
-                raise RewardRoundError(
-                    f"rewards.token_env is {config.token_env!r} but that variable is unset or empty"
-                )
+        token = token_from_env(config.token_env, "rewards.token_env", error=RewardRoundError)
         self.clients = {
             name: RewardClient(
                 config.target,

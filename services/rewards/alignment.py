@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
-from services.clip import clip_embeddings
-from services.models import resolve_model_source
+from services.clip import clip_embeddings, load_clip
+from services.config import Config, from_dict, to_dict
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
@@ -32,18 +32,22 @@ MODEL_FILE = "alignment_reward.json"
 HEAD_FILE = "head.safetensors"
 
 
-@dataclass(frozen=True)
-class HeadConfig:
-    # CLIP embedding width (projection_dim).
-    embed_dim: int = 768
-    # Hidden layer widths of the MLP.
-    hidden_sizes: tuple[int, ...] = (512, 128)
-    # Dropout between hidden layers (training only).
-    dropout: float = 0.1
-    # Residual head: logit = scale * cosine + bias + MLP(features), so the MLP learns a correction to the CLIP-score
-    # classifier rather than the whole decision, which generalises better to unseen prompts. The MLP's last layer
-    # starts at zero, so an untrained residual head is the CLIP-score classifier.
-    residual: bool = False
+class HeadConfig(Config):
+    """The head's architecture, stored in `alignment_reward.json` so a reward directory rebuilds its head."""
+
+    embed_dim: int = Field(768, ge=1, description="CLIP embedding width (projection_dim).")
+    hidden_sizes: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        (512, 128), description="Hidden layer widths of the MLP."
+    )
+    dropout: float = Field(0.1, ge=0.0, le=1.0, description="Dropout between hidden layers (training only).")
+    residual: bool = Field(
+        False,
+        description=(
+            "Residual head: logit = scale * cosine + bias + MLP(features), so the MLP learns a correction to the "
+            "CLIP-score classifier rather than the whole decision, which generalises better to unseen prompts. The "
+            "MLP's last layer starts at zero, so an untrained residual head is the CLIP-score classifier."
+        ),
+    )
 
 
 def build_head(config: HeadConfig):
@@ -99,17 +103,19 @@ def save_alignment_model(out_dir: str | Path, clip_source: str, head, head_confi
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
-    (out / MODEL_FILE).write_text(json.dumps({"clip": clip_source, "head": asdict(head_config), **extra}, indent=2))
+    (out / MODEL_FILE).write_text(json.dumps({"clip": clip_source, "head": to_dict(head_config), **extra}, indent=2))
     return out
 
 
-@dataclass(frozen=True)
-class AlignmentConfig:
-    # Directory of a trained reward (alignment_reward.json + head.safetensors), e.g. written by
-    # `rewardfleet train-reward`.
-    model_dir: str = "alignment_reward"
-    # Most images per CLIP forward pass.
-    batch_size: int = 64
+class AlignmentConfig(Config):
+    model_dir: str = Field(
+        "alignment_reward",
+        description=(
+            "Directory of a trained reward (alignment_reward.json + head.safetensors), e.g. written by "
+            "`rewardfleet train-reward`; '~' is expanded."
+        ),
+    )
+    batch_size: int = Field(64, ge=1, description="Most images per CLIP forward pass.")
 
 
 @register("alignment")
@@ -125,9 +131,6 @@ class Alignment(Reward):
 
     def load(self, device: str = "cpu") -> None:
         from safetensors.torch import load_file
-        from transformers import CLIPModel, CLIPProcessor
-
-        from services.config import from_dict
 
         self.device = device
         if self.head is None:
@@ -139,20 +142,13 @@ class Alignment(Reward):
                     "`rewardfleet train-reward` (alignment_reward.json + head.safetensors)"
                 )
             spec = json.loads(spec_path.read_text())
-            head_config = from_dict(HeadConfig, spec["head"])
+            head_config = from_dict(HeadConfig, spec["head"], where=f"{spec_path}: head")
             self.head = build_head(head_config)
             self.head.load_state_dict(load_file(str(model_dir / HEAD_FILE)))
             # A relative CLIP path is relative to the reward directory, so the directory can be moved as a whole.
             local = model_dir / spec["clip"]
             self.clip_source = str(local) if local.exists() else spec["clip"]
-            source = resolve_model_source(self.clip_source, "alignment reward")
-            try:
-                self.processor = CLIPProcessor.from_pretrained(source)
-                self.clip = CLIPModel.from_pretrained(source)
-            except (OSError, ValueError) as e:
-                raise FileNotFoundError(
-                    f"alignment reward: cannot load CLIP from {self.clip_source!r} ({e})"
-                ) from None
+            self.clip, self.processor = load_clip(self.clip_source, "alignment reward", "CLIP model")
         self.clip = self.clip.to(device).eval()
         self.head = self.head.to(device).eval()
 

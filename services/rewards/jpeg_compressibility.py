@@ -10,23 +10,18 @@ end-to-end tests optimise.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
+from pydantic import Field
 
 from services.codec import encode_image
+from services.config import Config
 from services.registry import register
 from services.reward import Reward, RewardInfo, RewardOutput
 
 
-@dataclass(frozen=True)
-class JpegCompressibilityConfig:
-    # JPEG quality used to measure size (1-95); DDPO uses 95.
-    quality: int = 95
-
-    def __post_init__(self):
-        if not 1 <= self.quality <= 95:
-            raise ValueError(f"quality must be in [1, 95], got {self.quality}")
+class JpegCompressibilityConfig(Config):
+    quality: int = Field(95, ge=1, le=95, description="JPEG quality used to measure size (1-95); DDPO uses 95.")
 
 
 @register("jpeg_compressibility")

@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+from pydantic import Field, ValidationInfo, field_validator
 
+from services.clip import clip_embeddings, load_clip
+from services.config import Config
 from services.llm_scorer import LikelihoodScorer, LLMConfig
-from services.models import resolve_model_source
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput, SampleFailure, SegmentScore
 
 CATEGORIES_FILE = Path(__file__).resolve().parents[1] / "data" / "categories.txt"
-SAM_TYPES = ("vit_h", "vit_l", "vit_b", "custom")
-AGGREGATES = ("mean", "area_weighted")
 
 # Words of a prompt that are not objects: articles, prepositions, counts, colours, common adjectives.
 _NOT_NOUNS = set(
@@ -69,69 +69,96 @@ def load_vocabulary(path: str | Path = CATEGORIES_FILE) -> list[str]:
     return list(dict.fromkeys(line.strip() for line in lines if line.strip() and not line.startswith("#")))
 
 
-@dataclass(frozen=True)
-class SamConfig:
-    # "vit_h", "vit_l", "vit_b" (segment_anything's registry) or "custom" (the encoder_* fields; the local profile's
-    # tiny SAM).
-    model_type: str = "vit_h"
-    # SAM checkpoint (.pth state dict). Cluster profile: the ViT-H release, sam_vit_h_4b8939.pth.
-    checkpoint: str = "sam_vit_h_4b8939.pth"
-    # custom only: image encoder width, depth, heads and global-attention block indexes (ViT-H's by default),
-    # input side, and the prompt/mask-decoder width (256 in every released SAM).
-    encoder_embed_dim: int = 1280
-    encoder_depth: int = 32
-    encoder_num_heads: int = 16
-    encoder_global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    image_size: int = 1024
-    prompt_embed_dim: int = 256
-    # Automatic mask generation: a points_per_side^2 grid of point prompts, decoded points_per_batch at a time.
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    # Masks below these predicted-IoU / stability scores are dropped (SAM's defaults).
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    box_nms_thresh: float = 0.7
-    # Regions smaller than this fraction of the image are dropped (too small to label reliably).
-    min_area_fraction: float = 0.005
-    # At most this many regions per image, largest first (bounds the labelling and LLM cost).
-    max_segments: int = 24
+class SamConfig(Config):
+    model_type: Literal["vit_h", "vit_l", "vit_b", "custom"] = Field(
+        "vit_h",
+        description=(
+            "segment_anything's registry ('vit_h', 'vit_l', 'vit_b'), or 'custom': the architecture of the "
+            "encoder_*, image_size and prompt_embed_dim fields (the local profile's tiny SAM)."
+        ),
+    )
+    checkpoint: str = Field(
+        "sam_vit_h_4b8939.pth",
+        description="SAM checkpoint (.pth state dict). Cluster profile: the ViT-H release, sam_vit_h_4b8939.pth.",
+    )
+    # The custom architecture; the defaults are ViT-H's.
+    encoder_embed_dim: int = Field(1280, ge=1, description="custom only: image encoder width.")
+    encoder_depth: int = Field(32, ge=1, description="custom only: image encoder blocks.")
+    encoder_num_heads: int = Field(16, ge=1, description="custom only: image encoder attention heads.")
+    encoder_global_attn_indexes: tuple[Annotated[int, Field(ge=0)], ...] = Field(
+        (7, 15, 23, 31), description="custom only: indexes of the encoder's global-attention blocks."
+    )
+    image_size: int = Field(1024, ge=16, description="custom only: input side in pixels.")
+    prompt_embed_dim: int = Field(
+        256, ge=1, description="custom only: prompt/mask-decoder width (256 in every release)."
+    )
+    points_per_side: int = Field(
+        32, ge=1, description="Automatic mask generation: a points_per_side^2 grid of point prompts."
+    )
+    points_per_batch: int = Field(64, ge=1, description="Point prompts per mask-decoder pass.")
+    pred_iou_thresh: float = Field(0.88, ge=0.0, le=1.0, description="Masks below this predicted IoU are dropped.")
+    stability_score_thresh: float = Field(
+        0.95, ge=0.0, le=1.0, description="Masks below this stability score are dropped."
+    )
+    box_nms_thresh: float = Field(
+        0.7, ge=0.0, le=1.0, description="Box IoU above which overlapping masks are suppressed (NMS)."
+    )
+    min_area_fraction: float = Field(
+        0.005,
+        ge=0.0,
+        description="Regions smaller than this fraction of the image are dropped (too small to label reliably).",
+    )
+    max_segments: int = Field(
+        24, ge=1, description="At most this many regions per image, largest first (bounds the labelling and LLM cost)."
+    )
 
-    def __post_init__(self):
-        if self.model_type not in SAM_TYPES:
-            raise ValueError(f"sam.model_type must be one of {list(SAM_TYPES)}, got {self.model_type!r}")
+    @field_validator("encoder_global_attn_indexes")
+    @classmethod
+    def _within_depth(cls, value: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        depth = info.data.get("encoder_depth")
+        if depth is not None and any(i >= depth for i in value):
+            raise ValueError(f"must be < encoder_depth ({depth}), got {list(value)}")
+        return value
 
 
-@dataclass(frozen=True)
-class LabelerConfig:
-    # CLIP model (hub id or local directory) that labels each region's crop.
-    clip: str = "openai/clip-vit-large-patch14"
-    revision: str | None = None
-    # Label vocabulary file, one name per line; None = the built-in COCO + ADE20K list.
-    vocabulary: str | None = None
-    # Add the prompt's nouns to the vocabulary (so "a corgi on a surfboard" can be labelled "corgi").
-    include_prompt_nouns: bool = True
-    # Text prompt for each label.
-    template: str = "a photo of a {}."
-    # Margin added around a region's bounding box before cropping, as a fraction of its size.
-    crop_margin: float = 0.1
-    # Most crops per CLIP forward pass.
-    batch_size: int = 64
+class LabelerConfig(Config):
+    clip: str = Field(
+        "openai/clip-vit-large-patch14", description="CLIP model (hub id or local directory) that labels each crop."
+    )
+    revision: str | None = Field(None, description="Hub revision of `clip`; None for the default.")
+    vocabulary: str | None = Field(
+        None, description="Label vocabulary file, one name per line; None = the built-in COCO + ADE20K list."
+    )
+    include_prompt_nouns: bool = Field(
+        True,
+        description="Add the prompt's nouns to the vocabulary (so 'a corgi on a surfboard' can be labelled 'corgi').",
+    )
+    template: str = Field("a photo of a {}.", description="Text prompt for each label; '{}' stands for the label.")
+    crop_margin: float = Field(
+        0.1,
+        ge=0.0,
+        description="Margin added around a region's bounding box before cropping, as a fraction of its size.",
+    )
+    batch_size: int = Field(64, ge=1, description="Most crops per CLIP forward pass.")
+
+    @field_validator("template")
+    @classmethod
+    def _has_slot(cls, value: str) -> str:
+        if "{}" not in value:
+            raise ValueError(f"must contain '{{}}' where the label goes, got {value!r}")
+        return value
 
 
-@dataclass(frozen=True)
-class SemanticConfig:
-    sam: SamConfig = field(default_factory=SamConfig)
-    labeler: LabelerConfig = field(default_factory=LabelerConfig)
-    # The likelihood scorer (LLM, backend, mode).
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    # "mean" over segments (the paper) or "area_weighted" (large regions count more).
-    aggregate: str = "mean"
-    # Reward of an image with no segment left after filtering.
-    empty_reward: float = 0.0
-
-    def __post_init__(self):
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {list(AGGREGATES)}, got {self.aggregate!r}")
+class SemanticConfig(Config):
+    sam: SamConfig = Field(default_factory=SamConfig, description="The segmenter.")
+    labeler: LabelerConfig = Field(default_factory=LabelerConfig, description="The CLIP labeller of the segments.")
+    llm: LLMConfig = Field(default_factory=LLMConfig, description="The likelihood scorer (LLM, backend, mode).")
+    aggregate: Literal["mean", "area_weighted"] = Field(
+        "mean", description="'mean' over segments (the paper) or 'area_weighted' (large regions count more)."
+    )
+    empty_reward: float = Field(
+        0.0, ge=0.0, le=1.0, description="Reward of an image with no segment left after filtering."
+    )
 
 
 def build_sam(s: SamConfig, checkpoint: str | None = None):
@@ -194,7 +221,6 @@ class Semantic(Reward):
     # --- loading ------------------------------------------------------------------------------------------------
 
     def load(self, device: str = "cpu") -> None:
-        import torch
         from segment_anything import SamAutomaticMaskGenerator
 
         cfg = self.config
@@ -213,23 +239,14 @@ class Semantic(Reward):
             output_mode="binary_mask",
         )
         if self.clip is None:
-            from transformers import CLIPModel, CLIPProcessor
-
-            source = resolve_model_source(cfg.labeler.clip, "semantic reward labeler")
-            try:
-                self.clip_processor = CLIPProcessor.from_pretrained(source, revision=cfg.labeler.revision)
-                self.clip = CLIPModel.from_pretrained(source, revision=cfg.labeler.revision)
-            except (OSError, ValueError) as e:
-                raise FileNotFoundError(
-                    f"semantic reward: cannot load the CLIP labeler from {cfg.labeler.clip!r} ({type(e).__name__}: "
-                    f"{e}). Set labeler.clip to a hub id or a local directory with the weights."
-                ) from None
+            self.clip, self.clip_processor = load_clip(
+                cfg.labeler.clip, "semantic reward", "CLIP labeler (labeler.clip)", cfg.labeler.revision
+            )
         self.clip = self.clip.to(device).eval()
         self.scorer.load(device)
         # The built-in vocabulary is embedded once; prompt nouns are embedded per batch.
         self.vocabulary = load_vocabulary(cfg.labeler.vocabulary or CATEGORIES_FILE)
-        with torch.inference_mode():
-            self._vocab_emb = self._embed_labels(self.vocabulary)  # (V, D)
+        self._vocab_emb = self._embed_labels(self.vocabulary)  # (V, D)
 
     def _load_sam(self):
         from segment_anything import sam_model_registry
@@ -276,25 +293,19 @@ class Semantic(Reward):
         return square
 
     def _embed_labels(self, labels: Sequence[str]):
-        import torch
-
+        """Unit-norm CLIP text embeddings of the labels' prompts, (N, D) on the device; all in one pass."""
         texts = [self.config.labeler.template.format(label) for label in labels]
-        tokens = self.clip_processor(text=texts, return_tensors="pt", padding=True, truncation=True)
-        emb = self.clip.get_text_features(
-            input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
-        )
-        return torch.nn.functional.normalize(_features(emb).float(), dim=-1)  # (N, D)
+        _, emb = clip_embeddings(self.clip, self.clip_processor, None, texts, self.device)
+        return emb.to(self.device)  # (N, D)
 
     def _embed_crops(self, crops: Sequence[np.ndarray]):
+        """Unit-norm CLIP image embeddings of the crops, (N, D) on the device, labeler.batch_size per pass."""
         import torch
 
-        out = []
-        for start in range(0, len(crops), self.config.labeler.batch_size):
-            chunk = list(crops[start : start + self.config.labeler.batch_size])
-            pixels = self.clip_processor(images=chunk, return_tensors="pt", input_data_format="channels_last")
-            emb = self.clip.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
-            out.append(torch.nn.functional.normalize(_features(emb).float(), dim=-1))
-        return torch.cat(out)  # (N, D)
+        size = self.config.labeler.batch_size
+        chunks = [crops[start : start + size] for start in range(0, len(crops), size)]
+        out = [clip_embeddings(self.clip, self.clip_processor, chunk, None, self.device)[0] for chunk in chunks]
+        return torch.cat(out).to(self.device)  # (N, D)
 
     def vocabulary_for(self, prompt: str) -> list[str]:
         """The labels a region of this prompt's image can get: the built-in vocabulary, then the prompt's nouns."""
@@ -312,9 +323,8 @@ class Semantic(Reward):
         # Prompt nouns missing from the built-in vocabulary, embedded once for the whole batch.
         extra = list(dict.fromkeys(n for v in vocabs for n in v[len(self.vocabulary) :]))
         extra_row = {n: i for i, n in enumerate(extra)}
-        with torch.inference_mode():
-            crop_emb = self._embed_crops(crops) if crops else None  # (total masks, D)
-            extra_emb = self._embed_labels(extra) if extra else self._vocab_emb[:0]  # (E, D)
+        crop_emb = self._embed_crops(crops) if crops else None  # (total masks, D)
+        extra_emb = self._embed_labels(extra) if extra else self._vocab_emb[:0]  # (E, D)
         scale = self.clip.logit_scale.exp().item()
         labelled, k = [], 0
         for ms, names in zip(masks, vocabs, strict=True):
@@ -382,8 +392,3 @@ class Semantic(Reward):
                 ModelSource("llm", cfg.llm.model, cfg.llm.revision or ""),
             ),
         )
-
-
-def _features(output):
-    """CLIP feature tensors; newer transformers may wrap them in a model output."""
-    return output if not hasattr(output, "pooler_output") else output.pooler_output

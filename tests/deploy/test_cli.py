@@ -12,9 +12,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from deploy.cli import app, read_pairs
+from deploy.cli import app
 from deploy.demo import make_example_images
 from deploy.fleet import LOCAL_PROFILE, load_serve_config
+from deploy.scoring import read_pairs
 from services.client import RewardClient, RewardServiceError
 from tests.conftest import free_port
 
@@ -61,6 +62,34 @@ def test_bad_inputs_are_named(tmp_path):
         read_pairs(bad, None)
     result = runner.invoke(app, ["score", str(tmp_path), "--target", "127.0.0.1:1"])
     assert result.exit_code != 0 and "needs --prompt" in result.output
+
+
+@pytest.mark.parametrize(
+    ("config", "flag", "builds"), [(None, None, True), ("other", None, False), ("other", True, True)]
+)
+def test_serve_builds_the_local_artifacts_for_the_local_profile_only(monkeypatch, tmp_path, config, flag, builds):
+    import deploy.cli
+    import deploy.fleet
+    from deploy.placement import PlacementError
+
+    built = []
+    monkeypatch.setattr(deploy.cli, "build_local_cmd", lambda progress: built.append(progress))
+
+    def no_room(*args, **kwargs):  # stops `serve` before it starts anything
+        raise PlacementError("no room")
+
+    monkeypatch.setattr(deploy.fleet, "start_fleet", no_room)
+    monkeypatch.setattr(deploy.fleet, "stop_fleet", lambda shutdown_ray: None)
+    args = ["serve"]
+    if config == "other":
+        other = tmp_path / "other.yaml"
+        other.write_text(LOCAL_PROFILE.read_text())
+        args += ["--config", str(other)]
+    if flag:
+        args.append("--build-local")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "no room" in result.output
+    assert built == ([True] if builds else [])
 
 
 def _serve_in_subprocess(serve_config: dict, tmp_path: Path, timeout_s: float) -> subprocess.Popen:
@@ -119,7 +148,9 @@ def test_serve_command_serves_until_ctrl_c_then_shuts_down(tmp_path, example_ima
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_serve_starts_the_whole_local_profile_on_2_cpus(tmp_path, example_images, tiny_alignment_reward):
+def test_serve_starts_the_whole_local_profile_on_2_cpus(
+    tmp_path, example_images, local_artifacts, tiny_alignment_reward
+):
     """`rewardfleet serve` as on a 2-core laptop (Ray's default is one logical CPU per core): every application of
     the local profile reaches ready and scores. The profile is the embedded one, except for the alignment reward's
     directory (the profile's own is trained for minutes on first use; the tests serve a tiny one)."""
@@ -153,10 +184,11 @@ def tiny_sd_directory(tmp_path_factory) -> Path:
 
 @pytest.mark.integration
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_train_with_fleet_in_half_precision_on_2_cpus(tmp_path, tiny_sd_directory, dtype):
-    """The README's fine-tuning command with LoRA in bf16 / fp16 on a 2-CPU Ray cluster it starts itself: the fleet
-    and the 2 workers fit, and a round trains (before mixed precision: "mat1 and mat2 must have the same dtype")."""
+    """The README's fine-tuning command with LoRA in bfloat16 / float16 on a 2-CPU Ray cluster it starts itself: the
+    fleet and the 2 workers fit, and a round trains (before mixed precision: "mat1 and mat2 must have the same
+    dtype")."""
     port = free_port()
     proc = subprocess.run(
         [
@@ -230,3 +262,12 @@ def test_status_fails_when_the_grpc_proxy_does_not_answer(fleet):
     line = next(x for x in result.stdout.splitlines() if x.startswith("jpeg_compressibility "))
     assert "UNAVAILABLE" in line
     assert "not healthy: " in result.stderr
+
+
+@pytest.mark.parametrize(("command", "key"), [("train", "optim.lr = "), ("train-reward", "lambda_cls = ")])
+def test_list_options_shows_every_config_field_with_its_description(command, key):
+    result = runner.invoke(app, [command, "--list-options"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    line = next(i for i, x in enumerate(lines) if x.startswith(key))
+    assert lines[line + 1].startswith("    ") and lines[line + 1].strip()  # its description, indented

@@ -86,7 +86,7 @@ def test_missing_model_dir_names_what_is_missing(tmp_path):
 def test_served_trained_reward_matches_in_process(fleet, tiny_alignment_reward):
     """The fleet's `alignment` app serves a reward trained by train_reward (on a tiny testbed)."""
     from services.client import RewardClient
-    from trainer.local_models.testbed import random_attrs, render_image, render_prompt
+    from trainer.local_models.scenes import random_attrs, render_image, render_prompt
 
     local = build_reward("alignment", {"model_dir": tiny_alignment_reward})
     local.load("cpu")

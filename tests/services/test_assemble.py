@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from protos.reward.v1 import reward_pb2
-from services.assemble import AssembleAppArgs, RunningStats, combine_rank_fusion, combine_weighted_sum
+from services.assemble import AssembleAppArgs, RunningStats
 from services.client import RewardClient
 from services.codec import encode_image
+from services.selection import combine_rank_fusion, combine_weighted_sum
 from tests.conftest import ASSEMBLE_MIXED, LIMITED, random_images
 
 

@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from deploy.cli import app as cli_app
 from protos.reward.v1 import reward_pb2, reward_pb2_grpc
+from services.auth import auth_problem, load_auth_token
 from services.client import RewardClient, RewardServiceError
-from services.serving import RewardAppArgs, RewardDeployment, auth_problem, load_auth_token
+from services.serving import RewardAppArgs, RewardDeployment
 from tests.conftest import random_images
 
 TOKEN_ENV = "REWARDFLEET_TEST_TOKEN"
@@ -42,20 +43,20 @@ def deploy_reward_app(name: str, target: str, env_vars: dict[str, str], metadata
                 time.sleep(0.25)
 
 
+def deploy_auth_app(name: str, target: str, **args) -> None:
+    """A JPEG reward application that requires TOKEN (its replica holds it in TOKEN_ENV)."""
+    bearer = (("authorization", f"Bearer {TOKEN}"),)
+    deploy_reward_app(
+        name, target, {TOKEN_ENV: TOKEN}, bearer, reward="jpeg_compressibility", auth_token_env=TOKEN_ENV, **args
+    )
+
+
 @pytest.fixture(scope="module")
 def auth_app(fleet):
     from ray import serve
 
     name = "jpeg_auth"
-    deploy_reward_app(
-        name,
-        fleet.grpc_target,
-        {TOKEN_ENV: TOKEN},
-        metadata=(("authorization", f"Bearer {TOKEN}"),),
-        reward="jpeg_compressibility",
-        device="cpu",
-        auth_token_env=TOKEN_ENV,
-    )
+    deploy_auth_app(name, fleet.grpc_target, device="cpu")
     yield name
     serve.delete(name)
 

@@ -5,9 +5,11 @@ import asyncio
 import grpc
 import numpy as np
 import pytest
+import tenacity
 
 from services.client import RewardClient, RewardServiceError
 from services.registry import build_reward
+from services.retries import retry_policy
 from tests.conftest import LIMITED, free_port, random_images
 
 pytestmark = pytest.mark.integration
@@ -51,16 +53,9 @@ def test_a_client_above_the_server_limit_fails_loudly_without_retrying(fleet, rn
 def test_retries_resource_exhausted_until_every_sample_is_answered(fleet, rng):
     # The backpressure app takes one request at a time and queues one; the rest are RESOURCE_EXHAUSTED.
     images = random_images(rng, 12)
-    client = RewardClient(
-        fleet.grpc_target,
-        "jpeg_backpressure",
-        max_samples_per_request=1,
-        max_in_flight=12,
-        max_retries=30,
-        backoff_s=0.05,
-        max_backoff_s=0.5,
-        discover_limits=False,
-    )
+    retries = {"max_retries": 30, "backoff_s": 0.05, "max_backoff_s": 0.5}
+    one_per_request = {"max_samples_per_request": 1, "max_in_flight": 12, "discover_limits": False}
+    client = RewardClient(fleet.grpc_target, "jpeg_backpressure", **one_per_request, **retries)
     results = client.score(images, "p")
     assert client.stats.retries > 0
     assert [r.reward for r in results] == _in_process(images)
@@ -74,6 +69,25 @@ def test_unavailable_is_retried_then_raised():
         client.score([np.zeros((8, 8, 3), np.uint8)], "p")
     assert e.value.code == grpc.StatusCode.UNAVAILABLE
     assert client.stats.requests == 3 and client.stats.retries == 2
+
+
+def test_async_calls_retry_by_the_same_policy():
+    client = RewardClient(
+        f"127.0.0.1:{free_port()}", "jpeg_compressibility", max_retries=2, backoff_s=0.01, discover_limits=False
+    )
+    with pytest.raises(RewardServiceError) as e:
+        asyncio.run(client.ascore([np.zeros((8, 8, 3), np.uint8)], "p"))
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
+    assert client.stats.requests == 3 and client.stats.retries == 2
+
+
+def test_backoff_doubles_up_to_its_cap_with_jitter():
+    wait = retry_policy(max_retries=6, backoff_s=0.1, max_backoff_s=0.3)["wait"]
+    for retry, full in enumerate([0.1, 0.2, 0.3, 0.3]):
+        state = tenacity.RetryCallState(None, None, (), {})
+        state.attempt_number = retry + 1  # the attempt that just failed
+        waits = [wait(state) for _ in range(200)]
+        assert 0.5 * full <= min(waits) < max(waits) <= full
 
 
 def test_async_client_and_torch_batches_match_the_sync_client(fleet, rng):

@@ -37,22 +37,17 @@ def open_clip_model(embed_dim=16, quick_gelu=True, seed=0, text=None, **text_ove
     return model
 
 
+# The tiny towers' widths in transformers' names (both towers share them).
+HF_WIDTHS = dict(hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
+
+
 def hf_text_config(embed_dim, quick_gelu):
     from transformers import CLIPTextConfig
 
-    return CLIPTextConfig(
-        vocab_size=VOCAB,
-        hidden_size=WIDTH,
-        intermediate_size=MLP,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        max_position_embeddings=CONTEXT,
-        projection_dim=embed_dim,
-        hidden_act="quick_gelu" if quick_gelu else "gelu",
-        bos_token_id=1,
-        pad_token_id=0,
-        eos_token_id=EOT,  # transformers pools at the first eos_token_id (any id but the legacy 2)
-    )
+    # transformers pools at the first eos_token_id (any id but the legacy 2).
+    tokens = dict(vocab_size=VOCAB, max_position_embeddings=CONTEXT, bos_token_id=1, pad_token_id=0, eos_token_id=EOT)
+    act = "quick_gelu" if quick_gelu else "gelu"
+    return CLIPTextConfig(**HF_WIDTHS, **tokens, projection_dim=embed_dim, hidden_act=act)
 
 
 def hf_text_model(embed_dim, quick_gelu, state_dict):
@@ -116,8 +111,7 @@ def test_vision_tower_and_logit_scale_match_open_clip():
 
     reference = open_clip_model(embed_dim=16)
     text = hf_text_config(16, True).to_dict()
-    vision = dict(hidden_size=WIDTH, intermediate_size=MLP, num_hidden_layers=LAYERS, num_attention_heads=HEADS)
-    vision.update(image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu")
+    vision = dict(HF_WIDTHS, image_size=32, patch_size=8, projection_dim=16, hidden_act="quick_gelu")
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
     load_strict(model, to_transformers(as_hps(reference.state_dict()), vision=True))
     pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # (B, 3, H, W)

@@ -1,26 +1,22 @@
-from dataclasses import dataclass, field
-
 import pytest
+from pydantic import Field
 
-from services.config import from_dict
-
-
-@dataclass(frozen=True)
-class Inner:
-    # A value.
-    a: int = 1
+from services.config import Config, from_dict
 
 
-@dataclass(frozen=True)
-class Outer:
-    inner: Inner = field(default_factory=Inner)
-    names: tuple[str, ...] = ()
-    maybe: Inner | None = None
+class Inner(Config):
+    a: int = Field(default=1, description="A value.")
 
 
-def test_nested_dicts_become_frozen_dataclasses():
+class Outer(Config):
+    inner: Inner = Field(default_factory=Inner, description="A nested section.")
+    names: tuple[str, ...] = Field(default=(), description="Some names.")
+    maybe: Inner | None = Field(default=None, description="An optional section.")
+
+
+def test_nested_dicts_become_frozen_configs():
     cfg = from_dict(Outer, {"inner": {"a": 3}, "names": ["x", "y"], "maybe": {"a": 5}})
-    assert cfg == Outer(Inner(3), ("x", "y"), Inner(5))
+    assert cfg == Outer(inner=Inner(a=3), names=("x", "y"), maybe=Inner(a=5))
     with pytest.raises(AttributeError):
         cfg.inner = Inner()  # frozen
 

@@ -6,15 +6,14 @@ import sys
 import pytest
 import torch
 
-from services.llm_scorer import (
+from services.llm_prompts import (
     LIKELIHOOD_TEMPLATE,
-    LikelihoodScorer,
-    LLMConfig,
     likelihood_text,
     parse_ratings,
     rating_token_ids,
     ratings_from_reply,
 )
+from services.llm_scorer import LikelihoodScorer, LLMConfig
 from services.reward import SampleFailure
 from trainer.local_models.tiny import save_tiny_models, tiny_llama
 
@@ -247,7 +246,7 @@ def test_rating_mode_garbage_reply_is_a_sample_failure_and_repeats(tiny):
 
 
 def test_rating_sampler_draws_from_the_temperature_softmax():
-    from services.llm_scorer import _SeededSampler
+    from services.llm_transformers import _SeededSampler
 
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, float("-inf")])
     n = 4000

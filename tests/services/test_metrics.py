@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from protos.reward.v1 import reward_pb2, reward_pb2_grpc
 from services.client import make_sample
 from tests.conftest import random_images
-from tests.services.test_auth import TOKEN, TOKEN_ENV, deploy_reward_app
+from tests.services.test_auth import TOKEN, deploy_auth_app
 
 pytestmark = pytest.mark.integration
 
@@ -22,16 +22,7 @@ def metrics_app(fleet):
     # Its own application, so the counters hold only this module's traffic.
     from ray import serve
 
-    deploy_reward_app(
-        APP,
-        fleet.grpc_target,
-        {TOKEN_ENV: TOKEN},
-        metadata=(("authorization", f"Bearer {TOKEN}"),),
-        reward="jpeg_compressibility",
-        device="cpu",
-        max_samples_per_request=4,
-        auth_token_env=TOKEN_ENV,
-    )
+    deploy_auth_app(APP, fleet.grpc_target, device="cpu", max_samples_per_request=4)
     yield APP
     serve.delete(APP)
 

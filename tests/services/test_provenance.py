@@ -8,8 +8,9 @@ import grpc
 import pytest
 
 from protos.reward.v1 import reward_pb2, reward_pb2_grpc
+from services.provenance import build_provenance
 from services.reward import ModelSource
-from services.serving import RewardAppArgs, RewardDeployment, build_provenance
+from services.serving import RewardAppArgs, RewardDeployment
 from tests.conftest import random_images
 
 VERSION = importlib.metadata.version("rewardfleet")

@@ -1,10 +1,10 @@
 """Real-architecture tier: the cluster profile's rewards on models of the released widths and file layouts.
 
-`trainer.local_models.tiny.save_real_width_models` builds BLIP-2 OPT-2.7b, CLIP ViT-L/14, Vicuna-7B (Llama-2-7B) and SAM
-vit_b at their real widths with 1-2 layers and random weights, in the files the releases ship, so the rewards load
-them through the code that loads the real checkpoints. Each reward is configured as deploy/cluster.yaml configures it
-(model paths replaced, CPU, float32, no GPU), served for one batch over real gRPC through Ray Serve next to the session
-fleet, and compared with the same reward scored in this process.
+`trainer.local_models.real_width.save_real_width_models` builds BLIP-2 OPT-2.7b, CLIP ViT-L/14, Vicuna-7B (Llama-2-7B)
+and SAM vit_b at their real widths with 1-2 layers and random weights, in the files the releases ship, so the rewards
+load them through the code that loads the real checkpoints. Each reward is configured as deploy/cluster.yaml configures
+it (model paths replaced, CPU, float32, no GPU), served for one batch over real gRPC through Ray Serve next to the
+session fleet, and compared with the same reward scored in this process.
 
 Cost on 2 shared cores: about 110 s (20 of them building the models) and 5.2 GB above the session fleet, most of it
 the semantic replica: SAM's global attention over a 64 x 64 token grid and the 4096-wide LM in float32. The
@@ -26,7 +26,7 @@ from services.client import RewardClient
 from services.config import load_yaml
 from services.registry import build_reward
 from tests.conftest import random_images
-from trainer.local_models.tiny import REAL_WIDTH_SAM
+from trainer.local_models.real_width import REAL_WIDTH_SAM
 
 CLUSTER_PROFILE = DEPLOY_DIR / "cluster.yaml"
 # The replicas' torch threads (the cluster profile asks for 2-4 per replica; this machine may have 2 cores). The
@@ -144,7 +144,7 @@ def test_real_width_models_have_the_released_architectures_and_files(real_width_
     from segment_anything import sam_model_registry
     from transformers import AutoTokenizer, Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig
 
-    from services.llm_scorer import likelihood_text
+    from services.llm_prompts import likelihood_text
 
     m = real_width_models
     width_keys = ("hidden_size", "intermediate_size", "num_attention_heads")

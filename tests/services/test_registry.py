@@ -1,7 +1,6 @@
-from dataclasses import dataclass
-
 import pytest
 
+from services.config import Config
 from services.registry import build_reward, get_reward_class, register, reward_names
 from services.reward import Reward, RewardInfo, RewardOutput
 
@@ -28,8 +27,7 @@ def test_invalid_config_value_is_rejected():
         build_reward("jpeg_compressibility", {"quality": 0})
 
 
-@dataclass(frozen=True)
-class _Config:
+class _Config(Config):
     pass
 
 
@@ -53,3 +51,33 @@ def test_register_rejects_duplicates_and_bad_names():
         register("NotSnake")(_Dummy)
     with pytest.raises(TypeError):
         register("not_a_reward")(object)
+
+
+def test_the_same_class_imported_again_registers_idempotently():
+    # Under Ray a module may be imported twice, making two class objects with one qualified name.
+    original = get_reward_class("jpeg_compressibility")
+    twin = type(
+        original.__name__, (original,), {"__module__": original.__module__, "__qualname__": original.__qualname__}
+    )
+    try:
+        assert register("jpeg_compressibility")(twin) is twin
+        assert get_reward_class("jpeg_compressibility") is twin
+    finally:
+        register("jpeg_compressibility")(original)
+    assert get_reward_class("jpeg_compressibility") is original
+
+
+def test_reward_modules_named_by_the_environment_register(tmp_path, monkeypatch):
+    (tmp_path / "extra_reward_for_registry_test.py").write_text(
+        "from services.registry import register\n"
+        "from tests.services.test_registry import _Dummy\n\n"
+        "@register('extra_for_registry_test')\n"
+        "class Extra(_Dummy):\n"
+        "    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("REWARDFLEET_REWARD_MODULES", " extra_reward_for_registry_test, ")
+    assert "extra_for_registry_test" in reward_names()
+    monkeypatch.setenv("REWARDFLEET_REWARD_MODULES", "no_such_reward_module_here")
+    with pytest.raises(ImportError, match=r"REWARDFLEET_REWARD_MODULES.*'no_such_reward_module_here'"):
+        reward_names()

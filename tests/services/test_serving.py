@@ -1,20 +1,18 @@
 """The deployment's logic, in-process (the gRPC path itself is covered in test_grpc_fleet.py)."""
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
+from pydantic import Field
 
 from protos.reward.v1 import reward_pb2
+from services.config import Config
 from services.registry import register
 from services.reward import Reward, RewardInfo, RewardOutput
 from services.serving import RewardAppArgs, RewardDeployment
 
 
-@dataclass(frozen=True)
-class _FailingConfig:
-    # Prompts on which the whole batch raises.
-    poison: str = "poison"
+class _FailingConfig(Config):
+    poison: str = Field(default="poison", description="Prompts on which the whole batch raises.")
 
 
 @register("failing_for_tests")
@@ -51,17 +49,64 @@ def test_a_raising_batch_is_rescored_one_by_one_so_only_the_bad_sample_fails():
 def test_request_problems_are_named_before_decoding():
     dep = _deployment(reward="jpeg_compressibility", max_samples_per_request=2, max_request_bytes=100)
     sample = reward_pb2.Sample(prompt="p", encoded=b"x" * 57)  # 57 + 3 (prompt) + 2 (tag, length) = 62 bytes
-    assert dep.request_problem(reward_pb2.ScoreRequest()) == "ScoreRequest has no samples"
-    assert "3 samples, more than the limit of 2" in dep.request_problem(reward_pb2.ScoreRequest(samples=[sample] * 3))
-    assert "124 bytes of samples, more than the limit of 100" in dep.request_problem(
+    assert dep.admission.request_problem(reward_pb2.ScoreRequest()) == "ScoreRequest has no samples"
+    assert "3 samples, more than the limit of 2" in dep.admission.request_problem(
+        reward_pb2.ScoreRequest(samples=[sample] * 3)
+    )
+    assert "124 bytes of samples, more than the limit of 100" in dep.admission.request_problem(
         reward_pb2.ScoreRequest(samples=[sample] * 2)
     )
-    assert "unknown option(s) ['beam']" in dep.request_problem(
+    assert "unknown option(s) ['beam']" in dep.admission.request_problem(
         reward_pb2.ScoreRequest(samples=[sample], options={"beam": "4"})
     )
-    assert dep.request_problem(reward_pb2.ScoreRequest(samples=[sample])) is None
+    assert dep.admission.request_problem(reward_pb2.ScoreRequest(samples=[sample])) is None
 
 
 def test_app_args_reject_unknown_keys():
     with pytest.raises(ValueError, match="max_batch"):
         RewardAppArgs(reward="jpeg_compressibility", max_batch=4)
+
+
+class _Context:
+    """The part of a gRPC context the admission uses."""
+
+    def __init__(self, metadata):
+        self.metadata, self.code, self.details = metadata, None, None
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def set_code(self, code):
+        self.code = code
+
+    def set_details(self, details):
+        self.details = details
+
+
+def test_admission_rejects_before_parsing_and_parses_bytes_once_admitted():
+    import grpc
+
+    from services.admission import Admission, AdmissionArgs
+    from services.metrics import RewardMetrics
+
+    admission = Admission(
+        app_name="app",
+        reward_name="r",
+        token=b"s3cret",
+        limits=AdmissionArgs(max_samples_per_request=1),
+        metrics=RewardMetrics("r"),
+        provenance=reward_pb2.Provenance(reward_name="r"),
+    )
+    request = reward_pb2.ScoreRequest(samples=[reward_pb2.Sample(prompt="p", encoded=b"x")])
+    bearer = ("authorization", "Bearer s3cret")
+    unauthenticated = _Context([("application", "app")])
+    assert admission.score_request(b"\xff", unauthenticated) == reward_pb2.ScoreResponse()
+    assert unauthenticated.code == grpc.StatusCode.UNAUTHENTICATED
+    elsewhere = _Context([bearer, ("application", "other")])
+    assert admission.score_request(request.SerializeToString(), elsewhere) == reward_pb2.ScoreResponse()
+    assert elsewhere.code == grpc.StatusCode.NOT_FOUND
+    garbage = _Context([bearer])
+    assert admission.score_request(b"\xff", garbage).provenance.reward_name == "r"
+    assert garbage.code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid reward.v1.ScoreRequest" in garbage.details
+    admitted = _Context([bearer, ("application", "app")])
+    assert admission.score_request(request.SerializeToString(), admitted) == request and admitted.code is None

@@ -40,8 +40,8 @@ def test_overrides_and_unknown_keys():
 def test_precision_and_decode_fields():
     default = load_finetune_config(None, ["model.dtype=auto"])
     assert FinetuneConfig().model.dtype == "auto" and default.model.dtype == "auto"
-    with pytest.raises(ValueError, match=r"model.dtype must be one of \['auto', 'fp32', 'fp16', 'bf16'\]"):
-        load_finetune_config(None, ["model.dtype=float16"])
+    with pytest.raises(ValueError, match=r"model.dtype must be one of \['auto', 'float32', 'float16', 'bfloat16'\]"):
+        load_finetune_config(None, ["model.dtype=fp16"])
     assert load_finetune_config(None, ["sampling.decode_batch_size=3"]).sampling.decode_batch_size == 3
     with pytest.raises(ValueError, match="decode_batch_size must be >= 1"):
         load_finetune_config(None, ["sampling.decode_batch_size=0"])

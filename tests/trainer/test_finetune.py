@@ -8,7 +8,9 @@ import pytest
 
 from services.selection import best_of_k, fuse
 from trainer.config import load_finetune_config
-from trainer.finetune import eval_stats, read_metrics, run_finetune, select_samples, win_rate
+from trainer.finetune import run_finetune
+from trainer.metrics import eval_stats, read_metrics, win_rate
+from trainer.worker import select_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

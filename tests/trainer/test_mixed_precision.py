@@ -1,4 +1,4 @@
-"""Mixed-precision fine-tuning on CPU through the job's own setup and step (trainer/finetune.py: setup_training,
+"""Mixed-precision fine-tuning on CPU through the job's own setup and step (trainer/training.py: setup_training,
 train_step): model.dtype is honoured for every pipeline source, bf16 and fp16 steps agree with the fp32 step, fp16
 loss scaling keeps small gradients from flushing to zero, and checkpoints resume onto the worker's device.
 
@@ -14,24 +14,17 @@ import numpy as np
 import pytest
 import torch
 
+from trainer.checkpoint import load_checkpoint, rng_state, write_checkpoint
 from trainer.config import load_finetune_config
-from trainer.finetune import (
-    DenoisingBatch,
-    _load_checkpoint,
-    _rng_state,
-    _write_checkpoint,
-    encode_prompts,
-    setup_training,
-    train_step,
-)
 from trainer.local_models.tiny import tiny_stable_diffusion
 from trainer.sampling import load_pipeline, resolve_dtype, sample_images
+from trainer.training import DenoisingBatch, encode_prompts, setup_training, train_step
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Relative gradient error bounds against fp32 (see the module docstring), and of the loss (one rounding of the
 # prediction's few thousand elements averages out: 10x tighter).
-GRAD_RTOL = {"bf16": 0.04, "fp16": 0.005}
-LOSS_RTOL = {"bf16": 0.004, "fp16": 0.0005}
+GRAD_RTOL = {"bfloat16": 0.04, "float16": 0.005}
+LOSS_RTOL = {"bfloat16": 0.004, "float16": 0.0005}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -95,7 +88,7 @@ def test_auto_dtype_is_fp32_on_cpu_and_explicit_dtypes_are_kept():
         assert resolve_dtype(name, "cpu") == dtype
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "auto"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "auto"])
 @pytest.mark.parametrize("source", ["tiny", "saved"])
 def test_model_dtype_is_honoured_for_every_source(dtype, source, saved_sd):
     config = job_config(f"model.dtype={dtype}", f"model.pretrained={'tiny' if source == 'tiny' else saved_sd}")
@@ -108,11 +101,11 @@ def test_model_dtype_is_honoured_for_every_source(dtype, source, saved_sd):
 # --- One training step per dtype, against fp32 ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_a_half_precision_lora_step_agrees_with_fp32_at_sd_latent_size(dtype):
     """LoRA on the half UNet at SD 1.5's latent size (64 x 64, i.e. 512 px): the frozen weights are half, the
     adapters fp32, the step equals fp32's within the format's bound."""
-    loss32, grad32, _ = one_step("fp32", "lora", 64)
+    loss32, grad32, _ = one_step("float32", "lora", 64)
     loss, grad, setup = one_step(dtype, "lora", 64)
     assert {p.dtype for p in setup.params} == {torch.float32}
     assert setup.pipe.unet.conv_in.weight.dtype == DTYPES[dtype]  # the frozen base weights stay half
@@ -120,11 +113,11 @@ def test_a_half_precision_lora_step_agrees_with_fp32_at_sd_latent_size(dtype):
     assert relative_error(grad, grad32) < GRAD_RTOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_a_half_precision_full_step_agrees_with_fp32(dtype):
     """method=full: the whole UNet trains in fp32 under autocast, the VAE and text encoder are half. 16 x 16
     latents: CPU fp16 weight gradients of convolutions are slow."""
-    loss32, grad32, _ = one_step("fp32", "full", 16)
+    loss32, grad32, _ = one_step("float32", "full", 16)
     loss, grad, setup = one_step(dtype, "full", 16)
     assert {p.dtype for p in setup.params} == {torch.float32}
     assert setup.pipe.text_encoder.dtype == DTYPES[dtype]
@@ -135,25 +128,25 @@ def test_a_half_precision_full_step_agrees_with_fp32(dtype):
 def test_fp16_loss_scaling_leaves_no_spurious_zero_gradients():
     """At 64 x 64 latents the loss's gradient per prediction element is about 2 / (4 * 64 * 64 * B): below fp16's
     smallest normal number, so without scaling LoRA gradients flush to exact zeros (and lose accuracy)."""
-    _, grad32, _ = one_step("fp32", "lora", 64)
+    _, grad32, _ = one_step("float32", "lora", 64)
     assert not (grad32 == 0).any()  # every fp32 gradient is non-zero
-    _, scaled, setup = one_step("fp16", "lora", 64)
+    _, scaled, setup = one_step("float16", "lora", 64)
     assert setup.scaler.is_enabled()
     assert int((scaled == 0).sum()) == 0
     # The same step without the scaler: the test can tell.
-    _, unscaled, _ = one_step("fp16", "lora", 64, scaler=False)
-    assert int((unscaled == 0).sum()) > 0 and relative_error(unscaled, grad32) > GRAD_RTOL["fp16"]
+    _, unscaled, _ = one_step("float16", "lora", 64, scaler=False)
+    assert int((unscaled == 0).sum()) > 0 and relative_error(unscaled, grad32) > GRAD_RTOL["float16"]
 
 
 def test_bf16_and_fp32_need_no_scaler():
-    for dtype in ("fp32", "bf16", "auto"):
+    for dtype in ("float32", "bfloat16", "auto"):
         assert not setup_training(job_config(f"model.dtype={dtype}"), "cpu").scaler.is_enabled()
 
 
 # --- The user-facing command on CPU: a saved SD 1.5-layout directory, LoRA, half precision ---------------------------
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_the_job_samples_and_trains_a_step_from_a_saved_directory_and_the_tiny_source(dtype, saved_sd):
     """`--set model.pretrained=<dir> --set optim.method=lora --set model.dtype=...` through the job's own setup,
     sampling and step; the saved directory holds the tiny pipeline's weights, so both sources give the same step."""
@@ -204,12 +197,12 @@ def retag_storages(path, location: str) -> None:
 def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_worker_device(tmp_path):
     """fp16 LoRA: adapters, AdamW state and the GradScaler's state round-trip; optimizer tensors saved from cuda:0
     load onto the worker's device (here the CPU) instead of cuda:0."""
-    config = job_config("model.dtype=fp16")
+    config = job_config("model.dtype=float16")
     setup = setup_training(config, "cpu")
     perturb_lora_b(setup)
     train_step(setup, setup.pipe.unet, fixed_batch(setup, 8), torch.ones(2), config.optim)
     setup.scaler.update(1024.0)  # a scale other than the initial one, as after an overflow
-    _write_checkpoint(tmp_path, setup, "lora", {"next_round": 1}, [_rng_state()])
+    write_checkpoint(tmp_path, setup, "lora", {"next_round": 1}, [rng_state()])
     retag_storages(tmp_path / "optimizer.pt", "cuda:0")
     if not torch.cuda.is_available():
         # What the old `torch.load(path)` did on a CPU worker (and on a GPU worker: every rank on cuda:0).
@@ -218,7 +211,7 @@ def test_a_checkpoint_saved_on_a_gpu_resumes_on_the_worker_device(tmp_path):
 
     resumed = setup_training(config, "cpu")
     assert resumed.scaler.get_scale() != 1024.0
-    assert _load_checkpoint(tmp_path, resumed, "lora", rank=0) == {"next_round": 1}
+    assert load_checkpoint(tmp_path, resumed, "lora", rank=0) == {"next_round": 1}
     for p, q in zip(resumed.params, setup.params, strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
         for key in ("exp_avg", "exp_avg_sq"):

@@ -1,10 +1,10 @@
 """Real-architecture tier of the fine-tuning job: Stable Diffusion 1.5 at its released widths and file layout.
 
-`trainer.local_models.tiny.real_width_stable_diffusion` writes SD 1.5 (580M-weight UNet, VAE, CLIP ViT-L/14 text tower,
-PNDM scheduler config, CLIP tokenizer) with one layer per block and random weights, in the release's directory
-layout. Each test runs the cluster preset (trainer/configs/cluster.yaml: DPM-Solver, guidance 7.5, LoRA rank 8)
-with `model.pretrained=<that directory>` through the job's own code on CPU: `setup_training`, `sample_images` of one
-64 px image (8 x 8 latents, 2 steps), and one `train_step`.
+`trainer.local_models.real_width.real_width_stable_diffusion` writes SD 1.5 (580M-weight UNet, VAE, CLIP ViT-L/14 text
+tower, PNDM scheduler config, CLIP tokenizer) with one layer per block and random weights, in the release's directory
+layout. Each test runs the cluster preset (trainer/configs/cluster.yaml: DPM-Solver, guidance 7.5, LoRA rank 8) with
+`model.pretrained=<that directory>` through the job's own code on CPU: `setup_training`, `sample_images` of one 64 px
+image (8 x 8 latents, 2 steps), and one `train_step`.
 
 Every step trains on the same inputs: the latents the fp32 pipeline samples (the `reference` fixture), one fixed
 noise and timestep; so each step's loss is compared with the fp32 loss of the same inputs, and each dtype's own
@@ -40,19 +40,19 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from transformers import CLIPTokenizer
 
 from trainer.config import CONFIG_DIR, load_finetune_config
-from trainer.finetune import DenoisingBatch, encode_prompts, setup_training, train_step
-from trainer.local_models.tiny import real_width_stable_diffusion
+from trainer.local_models.real_width import real_width_stable_diffusion
 from trainer.losses import denoising_loss_per_sample, reward_weighted_loss
 from trainer.sampling import load_pipeline, sample_images, set_scheduler
+from trainer.training import DenoisingBatch, encode_prompts, setup_training, train_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Relative errors against fp32 (module docstring): the step's loss, and the sampled latents.
-LOSS_RTOL = {"fp32": 1e-5, "bf16": 2**-8, "fp16": 2**-11}
-LATENT_RTOL = {"fp32": 0.0, "bf16": 20 * 2**-8, "fp16": 20 * 2**-11}
+LOSS_RTOL = {"float32": 1e-5, "bfloat16": 2**-8, "float16": 2**-11}
+LATENT_RTOL = {"float32": 0.0, "bfloat16": 20 * 2**-8, "float16": 20 * 2**-11}
 # (dtype, method) of the steps: every pair but fp16 full (module docstring).
-STEPS = [("fp32", "lora"), ("bf16", "lora"), ("fp16", "lora"), ("fp32", "full"), ("bf16", "full")]
+STEPS = [("float32", "lora"), ("bfloat16", "lora"), ("float16", "lora"), ("float32", "full"), ("bfloat16", "full")]
 PROMPT = "two green dogs in the city"
 SEED = 0
 RESOLUTION = 64  # 8 x 8 latents
@@ -93,7 +93,7 @@ def relative_error(a, b) -> float:
 @pytest.fixture(scope="module")
 def reference(sd15):
     """The fp32 pipeline's sample of PROMPT and the fp32 denoising loss of the inputs every step trains on."""
-    config = job_config(sd15, "fp32", "lora")
+    config = job_config(sd15, "float32", "lora")
     pipe = load_pipeline(config.model)
     set_scheduler(pipe, config.sampling)
     samples = sample_images(pipe, [PROMPT], [SEED], config.sampling, RESOLUTION)
@@ -146,7 +146,7 @@ def test_the_job_samples_and_trains_a_step_at_real_widths(dtype, method, sd15, r
     for module in (pipe.vae, pipe.text_encoder):
         assert {p.dtype for p in module.parameters()} == {half}, type(module).__name__
     assert setup.params and {p.dtype for p in setup.params} == {torch.float32}
-    assert setup.scaler.is_enabled() == (dtype == "fp16")
+    assert setup.scaler.is_enabled() == (dtype == "float16")
     if method == "lora":
         assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {half}
         lora_b = {n: p for n, p in unet.named_parameters() if "lora_B" in n}
@@ -172,7 +172,7 @@ def test_the_job_samples_and_trains_a_step_at_real_widths(dtype, method, sd15, r
     assert samples.images.shape == (1, RESOLUTION, RESOLUTION, 3) and samples.images.dtype == np.uint8
     assert samples.latents.shape == (1, 4, 8, 8) and samples.latents.dtype == torch.float32
     assert torch.isfinite(samples.latents).all()
-    if dtype == "fp32":  # the same seed and weights give the same latents
+    if dtype == "float32":  # the same seed and weights give the same latents
         assert torch.equal(samples.latents, reference["latents"])
     assert relative_error(samples.latents, reference["latents"]) <= LATENT_RTOL[dtype]
 
@@ -184,7 +184,7 @@ def test_the_job_samples_and_trains_a_step_at_real_widths(dtype, method, sd15, r
     assert np.isfinite(loss)
     # The step's loss is the base model's (a fresh adapter's B is zero), so it matches the fp32 forward's.
     assert loss == pytest.approx(reference["loss"], rel=LOSS_RTOL[dtype])
-    if dtype == "fp16":
+    if dtype == "float16":
         assert setup.scaler.get_scale() == 2.0**16  # no overflow, so the scaler did not skip the step
 
     if method == "lora":

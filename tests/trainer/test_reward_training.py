@@ -12,13 +12,8 @@ from services.codec import encode_image
 from services.rewards.alignment import HeadConfig, build_head, head_logits, set_cosine_affine
 from tests.conftest import tiny_training_config
 from trainer.feedback import FeedbackError, load_feedback
-from trainer.reward_training import (
-    alignment_loss,
-    best_threshold,
-    fit_cosine_affine,
-    roc_auc,
-    split_by_prompt,
-)
+from trainer.reward_eval import best_threshold, roc_auc
+from trainer.reward_training import alignment_loss, fit_cosine_affine, split_by_prompt
 
 
 def _unit(x):

@@ -101,7 +101,7 @@ def test_full_finetuning_trains_every_unet_weight():
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_sampling_runs_in_every_dtype_and_method(dtype, method):
     """Half frozen parts with fp32 trained weights (the adapters, or the whole UNet under method=full) sample the
     same images as fp32 up to half-precision rounding. One rounding of a pixel in [-1, 1] is 255 * 2^-9 ~ 0.5 levels
@@ -109,19 +109,19 @@ def test_sampling_runs_in_every_dtype_and_method(dtype, method):
     fp16 mean 0.07, max 1). Another seed moves most pixels by tens of levels."""
     config = SamplingConfig(steps=3)
     images = {}
-    for name in ("fp32", dtype):
+    for name in ("float32", dtype):
         pipe = load_pipeline(ModelConfig(resolution=16, dtype=name))
         set_scheduler(pipe, config)
         torch.manual_seed(0)
         params = add_lora(pipe.unet, OptimConfig(method=method, lora_rank=2))
         assert {p.dtype for p in params} == {torch.float32}
-        expected = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+        expected = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
         assert pipe.vae.dtype == expected and pipe.text_encoder.dtype == expected
         samples = sample_images(pipe, ["two red dogs", "one cat"], [5, 6], config, 16)
         assert samples.latents.dtype == torch.float32 and torch.isfinite(samples.latents).all()
         images[name] = samples.images.astype(int)  # (2, 16, 16, 3)
-    diff = np.abs(images[dtype] - images["fp32"])
-    mean_bound, max_bound = {"bf16": (2.0, 12), "fp16": (0.5, 4)}[dtype]
+    diff = np.abs(images[dtype] - images["float32"])
+    mean_bound, max_bound = {"bfloat16": (2.0, 12), "float16": (0.5, 4)}[dtype]
     assert diff.mean() <= mean_bound and diff.max() <= max_bound
 
 

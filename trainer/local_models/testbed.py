@@ -2,10 +2,8 @@
 
 Lee et al. train a reward on human (image, prompt, good/bad) feedback, with prompts that combine count, color and
 background ("two green dogs in the city"), on top of frozen CLIP embeddings. Neither the feedback nor CLIP is
-available offline, so this module provides both in miniature:
+available offline, so this module provides both in miniature, over the rendered scenes of `scenes.py`:
 
-- rendered scenes with known attributes (`render_image`): `count` outlined objects of one `color` and shape
-  (`object`) on one of four `background`s, and their prompt (`render_prompt`): 4 x 7 x 4 x 4 = 448 combinations;
 - feedback files (`write_feedback`): images that match their prompt (label 1) or differ from it in exactly one
   attribute a perturbation may change (label 0), with a fraction of labels flipped as human raters disagree;
 - a stand-in for the frozen CLIP (`pretrain_clip`): a small transformers `CLIPModel` trained contrastively on rendered
@@ -17,64 +15,22 @@ available offline, so this module provides both in miniature:
 
 `split_prompts` keeps the three uses of the 448 attribute combinations disjoint: "clip" (pretraining), "train" and
 "heldout" (feedback); held-out prompts are unseen by both the reward's training and the stand-in CLIP.
-`build_testbed` runs everything end to end.
+`build_testbed` runs everything end to end (`testbed_reward.build_testbed_once` caches it).
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
+from pydantic import Field, field_validator, model_validator
 
-from services.config import to_dict
-
-COUNTS = (1, 2, 3, 4)
-COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "pink")
-# Drawn as disc, square, triangle and diamond.
-OBJECTS = ("ball", "cube", "pyramid", "gem")
-BACKGROUNDS = ("city", "forest", "beach", "snow")
-# The fields of an attribute dict.
-ATTRIBUTES = ("count", "color", "object", "background")
-# The attributes a perturbation may change (Lee et al.: count, color, background).
-PERTURBABLE = ("count", "color", "background")
-VALUES = {"count": COUNTS, "color": COLORS, "object": OBJECTS, "background": BACKGROUNDS}
-
-COUNT_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-BACKGROUND_PHRASES = {"city": "in the city", "forest": "in the forest", "beach": "on the beach", "snow": "in the snow"}
-
-# Object fill colors. Saturated, and never used by a background, so an image's color and count can be read back from
-# its pixels exactly (the tests do).
-OBJECT_RGB = {
-    "red": (220, 30, 30),
-    "green": (60, 230, 60),
-    "blue": (30, 70, 230),
-    "yellow": (245, 215, 20),
-    "purple": (150, 50, 200),
-    "orange": (250, 130, 10),
-    "pink": (250, 120, 200),
-}
-# Every object gets a dark outline: it keeps a green ball visible in the forest and a yellow one on the sand.
-OUTLINE_RGB = (20, 20, 20)
-# The flat colors each background is painted with (no pixel noise, so backgrounds too can be read back exactly).
-BACKGROUND_RGB = {
-    "city": {"base": (150, 150, 155), "building": (95, 95, 105), "building_alt": (115, 108, 100)},
-    "forest": {"base": (50, 110, 45), "canopy": (25, 70, 30), "trunk": (95, 65, 35)},
-    "beach": {"sky": (135, 200, 235), "sea": (40, 120, 180), "sand": (225, 200, 140)},
-    "snow": {"base": (236, 238, 244), "drift": (212, 218, 230)},
-}
-
-# Object half size as a fraction of the image side, before the outline; the range is the size jitter. At 32 px an
-# object is still 6-8 px across.
-OBJECT_HALF_SIZE = (0.09, 0.12)
-# Placement: random centres, rejected until no two outlined objects come closer than the gap; after this many
-# restarts of a whole layout (never seen in practice) objects go one per image quadrant, which always fits.
-PLACEMENT_RESTARTS = 50
-PLACEMENT_TRIES = 50
+from services.config import Config, to_dict
+from trainer.local_models.scenes import perturb, pretraining_caption, render_image, render_prompt, split_prompts
 
 # Numpy seed-sequence streams (`default_rng([seed, stream])`), so each use of randomness is independent of the others.
 STREAM_CLIP_PAIRS = 0
@@ -86,295 +42,102 @@ RETRIEVAL_BATCH = 32
 RETRIEVAL_BATCHES = 16
 
 
-def _check_attrs(attrs: dict) -> None:
-    if set(attrs) != set(ATTRIBUTES):
-        raise ValueError(f"attribute dict must have exactly the keys {list(ATTRIBUTES)}, got {sorted(attrs)}")
-    for key, values in VALUES.items():
-        if attrs[key] not in values:
-            raise ValueError(f"{key} must be one of {list(values)}, got {attrs[key]!r}")
-
-
-def render_prompt(attrs: dict) -> str:
-    """The prompt of an attribute dict, e.g. "two green balls in the city"."""
-    _check_attrs(attrs)
-    noun = attrs["object"] + ("s" if attrs["count"] > 1 else "")
-    return f"{COUNT_WORDS[attrs['count']]} {attrs['color']} {noun} {BACKGROUND_PHRASES[attrs['background']]}"
-
-
-def perturb(attrs: dict, rng: np.random.Generator, n: int = 1) -> list[dict]:
-    """`n` distinct attribute dicts that each differ from `attrs` in exactly one attribute of PERTURBABLE.
-
-    Each draw picks the attribute uniformly (among those with values left), then a value not yet used, so single
-    perturbations are balanced across count, color and background (a uniform draw over all 12 alternatives would
-    favour color, which has the most values).
-
-    Raises:
-        ValueError: `n` is negative or exceeds the number of distinct perturbations (12).
-    """
-    _check_attrs(attrs)
-    left = {key: [v for v in VALUES[key] if v != attrs[key]] for key in PERTURBABLE}
-    total = sum(len(v) for v in left.values())
-    if not 0 <= n <= total:
-        raise ValueError(f"n must be in [0, {total}] (the distinct single-attribute perturbations), got {n}")
-    out = []
-    for _ in range(n):
-        keys = [key for key in PERTURBABLE if left[key]]
-        key = keys[int(rng.integers(len(keys)))]
-        value = left[key].pop(int(rng.integers(len(left[key]))))
-        out.append({**attrs, key: value})
-    return out
-
-
-def pretraining_caption(attrs: dict, count_as_digit: bool) -> str:
-    """The stand-in CLIP's pretraining caption of an image showing `attrs`: its prompt, with the count written as a
-    digit ("3 green balls in the city") when `count_as_digit`."""
-    prompt = render_prompt(attrs)
-    if not count_as_digit:
-        return prompt
-    return f"{attrs['count']}{prompt.removeprefix(COUNT_WORDS[attrs['count']])}"
-
-
-def random_attrs(rng: np.random.Generator) -> dict:
-    """An attribute dict with every attribute drawn uniformly."""
-    return {key: values[int(rng.integers(len(values)))] for key, values in VALUES.items()}
-
-
-def all_prompts() -> list[dict]:
-    """Every attribute combination (4 counts x 7 colors x 4 objects x 4 backgrounds = 448), in a fixed order."""
-    return [dict(zip(ATTRIBUTES, combo, strict=True)) for combo in itertools.product(*VALUES.values())]
-
-
-def split_prompts(seed: int = 0, clip_fraction: float = 0.5, heldout_fraction: float = 0.25) -> dict[str, list[dict]]:
-    """Disjoint splits of `all_prompts()`: "clip" (stand-in CLIP pretraining), "train" and "heldout" (feedback).
-
-    Both fractions are of all 448 combinations; "train" gets the rest. Every attribute value appears in every split
-    (a value seen only in held-out prompts would test vocabulary, not composition): the shuffle is redrawn until it
-    does.
-
-    Raises:
-        ValueError: fractions that leave a split empty, or no shuffle in 1000 covers every value in every split.
-    """
-    prompts = all_prompts()
-    n_clip, n_heldout = round(clip_fraction * len(prompts)), round(heldout_fraction * len(prompts))
-    if n_clip < 1 or n_heldout < 1 or n_clip + n_heldout >= len(prompts):
-        raise ValueError(
-            f"clip_fraction={clip_fraction} and heldout_fraction={heldout_fraction} must each leave at least one "
-            "prompt in clip, heldout and train"
-        )
-    rng = np.random.default_rng(seed)
-    for _ in range(1000):
-        order = rng.permutation(len(prompts))
-        splits = {
-            "clip": [prompts[i] for i in order[:n_clip]],
-            "train": [prompts[i] for i in order[n_clip + n_heldout :]],
-            "heldout": [prompts[i] for i in order[n_clip : n_clip + n_heldout]],
-        }
-        if all({p[key] for p in split} == set(VALUES[key]) for split in splits.values() for key in ATTRIBUTES):
-            return splits
-    raise ValueError(
-        f"no split with clip_fraction={clip_fraction}, heldout_fraction={heldout_fraction} covers every value"
-    )
-
-
-# --- Rendering ---------------------------------------------------------------------------------------------------
-
-
-def _rect(img: np.ndarray, y0: float, y1: float, x0: float, x1: float, rgb: tuple[int, int, int]) -> None:
-    size = img.shape[0]
-    y0, y1, x0, x1 = (int(np.clip(round(v), 0, size)) for v in (y0, y1, x0, x1))
-    img[y0:y1, x0:x1] = rgb
-
-
-def _ellipse_mask(size: int, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
-    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
-
-
-def _draw_background(img: np.ndarray, background: str, rng: np.random.Generator) -> None:
-    """Paints `img` in place; layouts are random, colors are BACKGROUND_RGB's."""
-    size = img.shape[0]
-    rgb = BACKGROUND_RGB[background]
-    if background == "city":
-        img[:] = rgb["base"]
-        x = -rng.uniform(0, 0.1) * size
-        while x < size:  # a row of buildings of random width and height standing on the bottom edge
-            width = rng.uniform(0.1, 0.22) * size
-            top = size * (1 - rng.uniform(0.3, 0.85))
-            _rect(img, top, size, x, x + width, rgb["building" if rng.random() < 0.5 else "building_alt"])
-            x += width + rng.uniform(0.02, 0.08) * size
-    elif background == "forest":
-        img[:] = rgb["base"]
-        for _ in range(int(rng.integers(5, 9))):  # trees: a trunk under a dark canopy
-            cx, cy = rng.uniform(0, size), rng.uniform(0.15, 0.75) * size
-            r = rng.uniform(0.08, 0.14) * size
-            _rect(img, cy, cy + 2.5 * r, cx - 0.25 * r, cx + 0.25 * r, rgb["trunk"])
-            img[_ellipse_mask(size, cy, cx, r, r)] = rgb["canopy"]
-    elif background == "beach":
-        horizon = rng.uniform(0.3, 0.45) * size
-        shore = horizon + rng.uniform(0.06, 0.12) * size
-        img[:] = rgb["sand"]
-        _rect(img, 0, shore, 0, size, rgb["sea"])
-        _rect(img, 0, horizon, 0, size, rgb["sky"])
-    elif background == "snow":
-        img[:] = rgb["base"]
-        for _ in range(int(rng.integers(2, 5))):  # soft drifts
-            cy, cx = rng.uniform(0.3, 1.0) * size, rng.uniform(0, size)
-            img[_ellipse_mask(size, cy, cx, rng.uniform(0.06, 0.12) * size, rng.uniform(0.2, 0.4) * size)] = rgb[
-                "drift"
-            ]
-    else:
-        raise ValueError(f"background must be one of {list(BACKGROUNDS)}, got {background!r}")
-
-
-def _shape_mask(shape: str, size: int, cy: float, cx: float, half: float) -> np.ndarray:
-    """(size, size) bool mask of one object centred at (cy, cx), `half` = half its extent."""
-    yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
-    if shape == "ball":
-        return (yy - cy) ** 2 + (xx - cx) ** 2 <= half**2
-    if shape == "cube":  # a bit smaller than its box, so its area is close to the disc's
-        return (np.abs(yy - cy) <= 0.9 * half) & (np.abs(xx - cx) <= 0.9 * half)
-    if shape == "pyramid":  # apex up, base on the bottom of the box
-        top = cy - half
-        return (yy >= top) & (yy <= cy + half) & (np.abs(xx - cx) <= (yy - top) / 2)
-    if shape == "gem":  # a square standing on its corner
-        return np.abs(yy - cy) + np.abs(xx - cx) <= 1.1 * half
-    raise ValueError(f"object must be one of {list(OBJECTS)}, got {shape!r}")
-
-
-def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
-    """Binary dilation with a 3x3 square, `steps` times (no scipy needed at runtime)."""
-    for _ in range(steps):
-        padded = np.pad(mask, 1)
-        out = np.zeros_like(mask)
-        for dy in range(3):
-            for dx in range(3):
-                out |= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
-        mask = out
-    return mask
-
-
-def _place(halves: list[float], size: int, reach: float, gap: float, rng: np.random.Generator) -> list[tuple]:
-    """Centres (cy, cx) for objects of the given half sizes whose boxes (half + reach) keep `gap` pixels apart."""
-    for _ in range(PLACEMENT_RESTARTS):
-        placed: list[tuple[float, float, float]] = []
-        for half in halves:
-            extent = half + reach
-            for _ in range(PLACEMENT_TRIES):
-                cy, cx = rng.uniform(extent, size - extent, 2)
-                if all(
-                    abs(cy - py) >= extent + pe + gap or abs(cx - px) >= extent + pe + gap for py, px, pe in placed
-                ):
-                    placed.append((cy, cx, extent))
-                    break
-            else:
-                break
-        else:
-            return [(cy, cx) for cy, cx, _ in placed]
-    # One object per quadrant, centred: always fits, as an object's box is at most a quarter of the image side.
-    quadrants = [(0.25, 0.25), (0.25, 0.75), (0.75, 0.25), (0.75, 0.75)]
-    order = rng.permutation(len(quadrants))[: len(halves)]
-    return [(quadrants[i][0] * size, quadrants[i][1] * size) for i in order]
-
-
-def render_image(attrs: dict, rng: np.random.Generator, size: int = 64) -> np.ndarray:
-    """A rendered scene: `count` outlined objects of `color` and shape `object` on `background`.
-
-    Returns a (size, size, 3) uint8 RGB array. Layout (background details, object positions, size jitter) comes from
-    `rng`: the same attributes and rng state give the same image.
-    """
-    _check_attrs(attrs)
-    if size < 16:
-        raise ValueError(f"size must be >= 16 for objects to stay visible, got {size}")
-    img = np.empty((size, size, 3), dtype=np.uint8)  # (H, W, 3) uint8
-    _draw_background(img, attrs["background"], rng)
-
-    outline = max(1, size // 32)
-    gap = max(2, size // 32)
-    halves = [rng.uniform(*OBJECT_HALF_SIZE) * size for _ in range(attrs["count"])]
-    for (cy, cx), half in zip(_place(halves, size, outline + 1, gap, rng), halves, strict=True):
-        fill = _shape_mask(attrs["object"], size, cy, cx, half)
-        img[_dilate(fill, outline)] = OUTLINE_RGB
-        img[fill] = OBJECT_RGB[attrs["color"]]
-    return img
-
-
 # --- Config ------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TestbedConfig:
-    # Seeds the prompt split, every rendering stream and the stand-in CLIP's init and batch order.
-    seed: int = 0
-    # Side of rendered images in pixels; also the stand-in CLIP's input size. 32 rather than 64: a step costs a third
-    # as much, and in the same time the stand-in learns to count better (linear probe on its image embeddings, 4
-    # counts, from captions stating every count: 0.87 after 12 epochs at 32 px, 0.81 after 6 at 64 px).
-    image_size: int = 32
-    # Fractions of the 448 prompts for the stand-in CLIP's pretraining (112) and for held-out feedback (112); training
-    # feedback gets the rest (224 prompts). The reward learns which number word matches which count from the training
-    # prompts: with the earlier 240-prompt vocabulary (5 colors, 3 objects), 60 training prompts gave +5 to +6
-    # accuracy points over CLIP score and 120 gave +9 (seed 0).
-    clip_fraction: float = 0.25
-    heldout_fraction: float = 0.25
-    # Feedback samples (images) per prompt: 16 x 224 = 3,584 training samples. With 8 per prompt and 60 training
-    # prompts (480 samples) the learned reward overfit and fell below CLIP score on unseen prompts.
-    images_per_prompt: int = 16
-    # Fraction of each prompt's samples whose image matches the prompt (before label noise).
-    positive_fraction: float = 0.5
-    # Probability that a label is flipped, as human raters disagree; caps any reward's accuracy at 1 - label_noise.
-    label_noise: float = 0.1
-    # Rendered (image, prompt) pairs the stand-in CLIP is pretrained on (from the "clip" split only): about 107 per
-    # prompt. With 6,000 the stand-in's image embeddings encode the count less well (linear probe 0.75, seed 0).
-    clip_pairs: int = 12000
-    # Passes over the pretraining pairs; with clip_lr, enough for the stand-in to learn counts from the digits (about
-    # 2 min on one CPU core; fewer epochs, a larger batch or a higher rate left counts worse learned). Measured on
-    # seeds 0-4: it retrieves the right prompt among 32 62-87% of the time (number words do not tell it 2, 3 and 4
-    # apart) and its score classifies the held-out feedback 0.66-0.72 right, while the learned reward reaches
-    # 0.80-0.83.
-    clip_epochs: int = 12
-    # Pretraining captions write the count as a digit ("3 green balls in the city") where prompts spell it out, so
-    # the stand-in never learns which count a number word means (its image embeddings still encode the count, from
-    # the digits): it notices a wrong count only through the noun's singular or plural, one against many. With number
-    # words (False) the same stand-in rejects most changed counts and scores close to the 0.90 that label noise
-    # allows, which leaves a learned reward nothing to win. Noisy number words (right only some of the time) were
-    # tried first: the stand-in then encodes counts in neither tower, and no head can recover them.
-    clip_count_as_digit: bool = True
-    # Pairs per contrastive batch (the InfoNCE negatives are the rest of the batch).
-    clip_batch_size: int = 64
-    # AdamW peak learning rate (linear warmup over the first 5% of steps, then cosine decay to zero).
-    clip_lr: float = 1e-3
-    # Width of both CLIP towers and of the shared embedding space.
-    clip_hidden: int = 64
-    # Transformer layers of each tower.
-    clip_layers: int = 2
-    # Side of the vision tower's square patches in pixels (image_size must be a multiple of it).
-    clip_patch_size: int = 8
+class TestbedConfig(Config):
+    """The testbed's knobs. Defaults are the local profile's testbed; the numbers behind them: benchmarks/README.md."""
+
+    seed: int = Field(0, description="Seeds the prompt split, every rendering stream and the stand-in CLIP's init.")
+    # 32 rather than 64: a step costs a third as much, and in the same time the stand-in learns to count better
+    # (linear probe on its image embeddings, 4 counts, from captions stating every count: 0.87 after 12 epochs at
+    # 32 px, 0.81 after 6 at 64 px).
+    image_size: int = Field(
+        32,
+        description="Side of rendered images in pixels; also the stand-in CLIP's input size (a multiple of "
+        "clip_patch_size, >= 16).",
+    )
+    # 112 + 112 of the 448 prompts; training feedback gets the rest (224 prompts). The reward learns which number word
+    # matches which count from the training prompts: with the earlier 240-prompt vocabulary (5 colors, 3 objects), 60
+    # training prompts gave +5 to +6 accuracy points over CLIP score and 120 gave +9 (seed 0).
+    clip_fraction: float = Field(
+        0.25, gt=0, description="Fraction of the 448 prompts for the stand-in CLIP's pretraining."
+    )
+    heldout_fraction: float = Field(0.25, gt=0, description="Fraction of the 448 prompts for held-out feedback.")
+    # 16 x 224 = 3,584 training samples. With 8 per prompt and 60 training prompts (480 samples) the learned reward
+    # overfit and fell below CLIP score on unseen prompts.
+    images_per_prompt: int = Field(16, ge=1, description="Feedback samples (images) per prompt.")
+    positive_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Fraction of each prompt's samples whose image matches the prompt (before label noise).",
+    )
+    label_noise: float = Field(
+        0.1,
+        ge=0,
+        le=0.5,
+        description="Probability that a label is flipped, as human raters disagree; caps any "
+        "reward's accuracy at 1 - label_noise.",
+    )
+    # About 107 per prompt. With 6,000 the stand-in's image embeddings encode the count less well (linear probe 0.75,
+    # seed 0).
+    clip_pairs: int = Field(
+        12000,
+        ge=1,
+        description='Rendered (image, prompt) pairs the stand-in CLIP is pretrained on ("clip" split only).',
+    )
+    # With clip_lr, enough for the stand-in to learn counts from the digits (about 2 min on one CPU core; fewer epochs,
+    # a larger batch or a higher rate left counts worse learned). Measured on seeds 0-4: it retrieves the right prompt
+    # among 32 62-87% of the time (number words do not tell it 2, 3 and 4 apart) and its score classifies the
+    # held-out feedback 0.66-0.72 right, while the learned reward reaches 0.80-0.83.
+    clip_epochs: int = Field(12, ge=1, description="Passes over the pretraining pairs.")
+    # Prompts spell the count out, so the stand-in never learns which count a number word means (its image embeddings
+    # still encode the count, from the digits): it notices a wrong count only through the noun's singular or plural,
+    # one against many. With number words (False) the same stand-in rejects most changed counts and scores close to
+    # the 0.90 that label noise allows, which leaves a learned reward nothing to win. Noisy number words (right only
+    # some of the time) were tried first: the stand-in then encodes counts in neither tower, and no head can recover
+    # them.
+    clip_count_as_digit: bool = Field(
+        True, description='Pretraining captions write the count as a digit ("3 green balls in the city").'
+    )
+    clip_batch_size: int = Field(
+        64, ge=1, description="Pairs per contrastive batch (the InfoNCE negatives are the rest of the batch)."
+    )
+    clip_lr: float = Field(
+        1e-3,
+        gt=0,
+        description="AdamW peak learning rate (linear warmup over the first 5% of steps, then cosine decay).",
+    )
+    clip_hidden: int = Field(
+        64, ge=8, description="Width of both CLIP towers and of the shared embedding space (a multiple of 4)."
+    )
+    clip_layers: int = Field(2, ge=1, description="Transformer layers of each tower.")
+    clip_patch_size: int = Field(8, ge=1, description="Side of the vision tower's square patches in pixels.")
 
     # pytest would try to collect a class named Test*.
-    __test__ = False
+    __test__: ClassVar[bool] = False
 
-    def __post_init__(self):
-        if self.image_size < 16 or self.clip_patch_size < 1 or self.image_size % self.clip_patch_size:
+    @field_validator("clip_hidden")
+    @classmethod
+    def _heads_divide_width(cls, value: int) -> int:
+        if value % 4:
+            raise ValueError(f"must be a multiple of 4 (4 attention heads), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_sizes_and_splits(self) -> TestbedConfig:
+        if self.image_size < 16 or self.image_size % self.clip_patch_size:
             raise ValueError(
-                f"image_size must be >= 16 and a multiple of clip_patch_size ({self.clip_patch_size}), "
+                f"TestbedConfig.image_size must be >= 16 and a multiple of clip_patch_size ({self.clip_patch_size}), "
                 f"got {self.image_size}"
             )
-        if min(self.images_per_prompt, self.clip_pairs, self.clip_epochs, self.clip_batch_size, self.clip_layers) < 1:
+        if self.clip_fraction + self.heldout_fraction >= 1:
             raise ValueError(
-                "images_per_prompt, clip_pairs, clip_epochs, clip_batch_size and clip_layers must be >= 1"
+                f"TestbedConfig.clip_fraction ({self.clip_fraction}) and heldout_fraction ({self.heldout_fraction}) "
+                "must leave prompts for training feedback"
             )
-        if not 0.0 <= self.positive_fraction <= 1.0 or not 0.0 <= self.label_noise <= 0.5:
-            raise ValueError("positive_fraction must be in [0, 1] and label_noise in [0, 0.5]")
-        if self.clip_hidden < 8 or self.clip_hidden % 4:
-            raise ValueError(
-                f"clip_hidden must be a multiple of 4 (4 attention heads) and >= 8, got {self.clip_hidden}"
-            )
-        if min(self.clip_fraction, self.heldout_fraction) <= 0 or self.clip_fraction + self.heldout_fraction >= 1:
-            raise ValueError(
-                f"clip_fraction ({self.clip_fraction}) and heldout_fraction ({self.heldout_fraction}) must be > 0 "
-                "and leave prompts for training feedback"
-            )
-        if self.clip_lr <= 0:
-            raise ValueError(f"clip_lr must be > 0, got {self.clip_lr}")
+        return self
 
 
 # --- Feedback ----------------------------------------------------------------------------------------------------
@@ -420,7 +183,7 @@ def _build_clip(config: TestbedConfig):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from trainer.local_models.tiny import _clip_text_config, tiny_tokenizer
+    from trainer.local_models.tiny import tiny_clip_text_config, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     hidden = config.clip_hidden
@@ -428,7 +191,7 @@ def _build_clip(config: TestbedConfig):
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=config.clip_layers, num_attention_heads=4
     )
     # The tiny CLIP's text conventions (eos = [SEP], so CLIP pools the hidden state there), widened.
-    text_config = {**_clip_text_config(tokenizer), **tower}
+    text_config = {**tiny_clip_text_config(tokenizer), **tower}
     vision_config = dict(**tower, image_size=config.image_size, patch_size=config.clip_patch_size)
     clip_config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=hidden)
     torch.manual_seed(config.seed)
@@ -562,14 +325,14 @@ def pretrain_clip(prompts: list[dict], config: TestbedConfig, out_dir: str | Pat
     return out_dir
 
 
-def build_testbed(
-    out_dir: str | Path, config: TestbedConfig = TestbedConfig(), progress: bool = True
-) -> dict[str, Path]:
+def build_testbed(out_dir: str | Path, config: TestbedConfig | None = None, progress: bool = True) -> dict[str, Path]:
     """Splits prompts, pretrains the stand-in CLIP on "clip" (out_dir/clip), writes feedback for "train" and "heldout".
 
-    Returns {"clip": model directory, "train": train feedback.jsonl, "heldout": held-out feedback.jsonl}.
+    `config` defaults to TestbedConfig(). Returns {"clip": model directory, "train": train feedback.jsonl, "heldout":
+    held-out feedback.jsonl}.
     """
     out_dir = Path(out_dir)
+    config = config or TestbedConfig()
     splits = split_prompts(config.seed, config.clip_fraction, config.heldout_fraction)
     clip = pretrain_clip(splits["clip"], config, out_dir / "clip", progress)
     train = write_feedback(

@@ -5,14 +5,14 @@ from its pixels; the feedback tests use it to check what each image shows withou
 """
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
-from trainer.local_models.testbed import (
+from services.config import replace
+from trainer.local_models.scenes import (
     ATTRIBUTES,
     BACKGROUND_RGB,
     BACKGROUNDS,
@@ -21,18 +21,15 @@ from trainer.local_models.testbed import (
     OBJECT_RGB,
     OBJECTS,
     PERTURBABLE,
-    TestbedConfig,
     all_prompts,
-    build_testbed,
     perturb,
-    pretrain_clip,
     pretraining_caption,
     random_attrs,
     render_image,
     render_prompt,
     split_prompts,
-    write_feedback,
 )
+from trainer.local_models.testbed import TestbedConfig, build_testbed, pretrain_clip, write_feedback
 
 # Small enough to pretrain in a few seconds; only checks that pretraining runs and saves a loadable model.
 TINY = TestbedConfig(

@@ -1,6 +1,7 @@
 """The local profile's testbed and its alignment reward are built once and rebuilt when their config changes."""
 
 import json
+from pathlib import Path
 
 from trainer.local_models.testbed_reward import build_testbed_once
 
@@ -27,3 +28,25 @@ def test_build_testbed_once_rebuilds_when_the_config_changes(tmp_path, monkeypat
     (tmp_path / "testbed.json").write_text(json.dumps({"train": "train/feedback.jsonl"}))
     build_testbed_once(tmp_path, seed=1)
     assert built == [0, 1, 1]
+
+
+def test_ensure_testbed_reward_trains_once_per_version(tmp_path, monkeypatch):
+    import trainer.local_models.testbed_reward as testbed_reward
+    import trainer.reward_training
+
+    trained = []
+
+    def fake_train(config, progress=True):  # writes what a finished training leaves
+        trained.append(config.out_dir)
+        Path(config.out_dir).mkdir(parents=True)
+        (Path(config.out_dir) / "alignment_reward.json").write_text("{}")
+
+    monkeypatch.setattr(trainer.reward_training, "train_reward", fake_train)
+    monkeypatch.setattr(testbed_reward, "build_testbed_once", lambda root, seed, progress: None)
+    reward = testbed_reward.ensure_testbed_reward(tmp_path / "cache")
+    assert reward == tmp_path / "cache" / "reward" and trained == [str(reward)]
+    assert testbed_reward.ensure_testbed_reward(tmp_path / "cache") == reward and len(trained) == 1  # cached
+    (reward / "stale.txt").write_text("")
+    monkeypatch.setattr(testbed_reward, "TESTBED_REWARD_VERSION", testbed_reward.TESTBED_REWARD_VERSION + 1)
+    testbed_reward.ensure_testbed_reward(tmp_path / "cache")  # another version: the directory is rebuilt afresh
+    assert len(trained) == 2 and not (reward / "stale.txt").exists()

@@ -1,0 +1,67 @@
+"""Plain-text tables of the command line and the demo: scores, fleet status, fine-tuning rounds, config fields."""
+
+from __future__ import annotations
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: id, reward, components (and caption), error."""
+    header = ("id", "reward", "details")
+    lines = []
+    for r in rows:
+        details = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["components"].items()))
+        if r.get("caption") is not None:
+            details += f' caption="{r["caption"]}"'
+        if r.get("segments"):
+            details += " segments=" + ", ".join(f"{s['label']}:{s['likelihood']:.2f}" for s in r["segments"])
+        if r["error"]:
+            details = r["error"]
+        reward = "-" if r["reward"] is None else f"{r['reward']:.4f}"
+        lines.append((r["id"], reward, details))
+    widths = [max(len(h), *(len(row[i]) for row in lines)) for i, h in enumerate(header[:2])]
+    out = [f"{header[0]:<{widths[0]}}  {header[1]:>{widths[1]}}  {header[2]}"]
+    out += [f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c}" for a, b, c in lines]
+    return "\n".join(out)
+
+
+def format_status(rows: list[dict]) -> str:
+    """One line per application of `fleet_status`: status, replicas (running/target), health, fingerprint."""
+    header = ("application", "status", "replicas", "health", "fingerprint")
+    lines = []
+    for r in rows:
+        replicas = ", ".join(f"{d['name']} {d['running']}/{d['target']}" for d in r["deployments"])
+        fingerprint = r.get("provenance", {}).get("fingerprint", "")[:12]
+        lines.append((r["application"], r["status"], replicas, r["health"], fingerprint))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    return "\n".join(
+        "  ".join(f"{c:<{w}}" for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *lines]
+    )
+
+
+def format_rounds(rows: list[dict], rewards: list[str]) -> str:
+    """One line per round: held-out mean +- SE and win rate vs the base model of each reward, and the wait share."""
+    header = f"{'round':>5}  " + "  ".join(f"{name + ' (held-out)':>34}  {'win':>5}" for name in rewards)
+    lines = [header + f"  {'loss':>7}  {'wait':>6}  {'round s':>7}"]
+    for row in rows:
+        cells = []
+        for name in rewards:
+            cell = f"{row[f'eval/{name}/mean']:.5g} +- {row[f'eval/{name}/se']:.2g}"
+            cells.append(f"{cell:>34}  {row[f'eval/{name}/win_rate']:>5.2f}")
+        loss = "-" if row.get("final") else f"{row['loss']:.4f}"
+        lines.append(
+            f"{row['round']:>5}  "
+            + "  ".join(cells)
+            + f"  {loss:>7}  {100 * row['time/wait_fraction']:>5.1f}%  {row['time/round_s']:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def format_options(fields) -> str:
+    """`services.config.describe_fields` rows as `key = default` lines, each with its description indented below."""
+    import textwrap
+
+    lines = []
+    for key, default, description in fields:
+        lines.append(f"{key} = {default}")
+        if description:
+            lines.append(textwrap.fill(description, 119, initial_indent="    ", subsequent_indent="    "))
+    return "\n".join(lines)
