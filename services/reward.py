@@ -1,7 +1,7 @@
 """The one reward interface every reward implements, and the values it returns.
 
-A reward is built from its config (a `services.config.Config`: cheap, no heavy imports), then `load(device)` does the heavy
-setup once (weights, processors), then `score(images, prompts)` scores a batch. Images are the canonical
+A reward is built from its config (a `services.config.Config`: cheap, no heavy imports), then `load(device)` does
+the heavy setup once (weights, processors), then `score(images, prompts)` scores a batch. Images are the canonical
 (H, W, 3) uint8 RGB arrays of `services.codec`, read-only: a raw image is a view of the request's bytes, never
 copied, so a reward must not write to it. Rewards that take models can also be built from already-constructed
 modules, so tests inject tiny seeded models.
