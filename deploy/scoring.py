@@ -5,12 +5,13 @@ Used by `rewardfleet score` and the demo; the rows print with `deploy.tables.for
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
 
 import typer
+
+from services.config import read_jsonl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -27,14 +28,14 @@ def read_pairs(path: Path, prompt: str | None) -> list[tuple[str, Path, str]]:
     if path.suffix != ".jsonl":
         raise typer.BadParameter(f"{path} is neither a folder of images nor a .jsonl file")
     pairs = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            image, row_prompt = row["image"], row.get("prompt", prompt)
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise typer.BadParameter(f"{path}:{n}: expected {{'image': ..., 'prompt': ...}} ({e})") from None
+    try:
+        rows = list(read_jsonl(path))
+    except ValueError as e:
+        raise typer.BadParameter(f"{e}; expected {{'image': ..., 'prompt': ...}} per line") from None
+    for n, row in rows:
+        image, row_prompt = row.get("image"), row.get("prompt", prompt)
+        if not isinstance(image, str):
+            raise typer.BadParameter(f"{path}:{n}: expected {{'image': ..., 'prompt': ...}} (no 'image' path)")
         if not row_prompt:
             raise typer.BadParameter(f"{path}:{n}: no prompt (and no --prompt default)")
         image_path = (path.parent / image) if not Path(image).is_absolute() else Path(image)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from services.clip import clip_embeddings
+from services.clip import clip_embeddings, load_clip
 from services.config import to_dict
 from services.models import resolve_model_source
 from services.rewards.alignment import (
@@ -234,7 +234,6 @@ def _fit(config: RewardTrainingConfig, samples, data, val_data, epochs: int, tex
 
 def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any]:
     import torch
-    from transformers import CLIPModel, CLIPProcessor
 
     started = time.perf_counter()
     out = Path(config.out_dir)
@@ -262,8 +261,8 @@ def _train_reward(config: RewardTrainingConfig, progress: bool) -> dict[str, Any
 
     # 2. The frozen CLIP's embeddings, computed once.
     source = resolve_model_source(clip_source, "train-reward")
-    clip = CLIPModel.from_pretrained(source).to(config.device).eval().requires_grad_(False)
-    processor = CLIPProcessor.from_pretrained(source)
+    clip, processor = load_clip(source, "train-reward", "frozen CLIP")
+    clip = clip.to(config.device).eval().requires_grad_(False)
     texts = _TextCache(clip, processor, config.device)
     data = {
         name: (*_embed_samples(samples, clip, processor, texts, config.device), _labels(samples))
