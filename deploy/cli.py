@@ -274,15 +274,15 @@ def train(
             from deploy.fleet import load_serve_config, start_fleet
 
             serve_config = load_serve_config(with_fleet, grpc_port=int(cfg.rewards.target.rsplit(":", 1)[1]))
-            # Only the applications the job queries.
-            apps = [a for a in serve_config["applications"] if a["name"] in cfg.rewards.weights]
-            missing = sorted(set(cfg.rewards.weights) - {a["name"] for a in apps})
+            # Only the applications the job queries: the optimised rewards and the monitored ones.
+            apps = [a for a in serve_config["applications"] if a["name"] in cfg.rewards.scored]
+            missing = sorted(set(cfg.rewards.scored) - {a["name"] for a in apps})
             if missing:
                 raise typer.BadParameter(f"{with_fleet} has no application(s) {missing}")
             if with_fleet.resolve() == LOCAL_PROFILE:  # its models, as `serve` builds them (the reward only if used)
                 from trainer.local_models.artifacts import build_local_artifacts
 
-                build_local_artifacts(progress=True, alignment="alignment" in cfg.rewards.weights)
+                build_local_artifacts(progress=True, alignment="alignment" in cfg.rewards.scored)
             fleet = start_fleet(
                 {**serve_config, "applications": apps}, wait_for_resources=wait_for_resources, also_place=[workers]
             )

@@ -88,12 +88,26 @@ class RewardsConfig(Config):
     target: str = Field("127.0.0.1:9000", description="host:port of the fleet's gRPC proxy.")
     weights: dict[str, float] = Field(
         default_factory=lambda: {"jpeg_compressibility": 1.0},
-        description="Reward applications to query, with their fusion weights (assemble). Every one is logged each "
-        "round.",
+        description="The reward applications optimised, with their fusion weights (assemble). Every one is queried "
+        "and logged each round (so is every one of `monitor`).",
     )
     select_by: str | None = Field(
         None,
         description="The reward raft and weighted optimise; None = the first of `weights`. assemble fuses them all.",
+    )
+    monitor: tuple[str, ...] = Field(
+        (),
+        description="Reward applications scored every round like the others (training and held-out samples, logged "
+        "as train/<name>/... and eval/<name>/...) but never optimised: not fused, not selected by. Each round the job "
+        "compares the held-out means with round 0's (the base model) and flags reward hacking (metric "
+        "hacking/<name>, a log line) when the optimised reward (`primary`) rose while a monitored one fell by more "
+        "than `hacking_k` of its base standard errors. Must not repeat a name or overlap `weights`.",
+    )
+    hacking_k: float = Field(
+        2.0,
+        gt=0,
+        description="Reward hacking threshold: a monitored reward's held-out mean must fall by more than this many of "
+        "its base (round 0) standard errors over seeds to be flagged.",
     )
     max_samples_per_request: int = Field(
         32, ge=1, description="Client limit on samples per request (it also stays under the server's, from Describe)."
@@ -127,9 +141,26 @@ class RewardsConfig(Config):
             raise ValueError(f"must be one of rewards.weights {list(weights)}, got {value!r}")
         return value
 
+    @field_validator("monitor")
+    @classmethod
+    def _monitor(cls, value: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        repeated = sorted({name for name in value if value.count(name) > 1})
+        if repeated:
+            raise ValueError(f"must not repeat an application, got {repeated} more than once")
+        optimised = sorted(set(value) & set(info.data.get("weights") or {}))
+        if optimised:
+            raise ValueError(f"must not name applications of rewards.weights (they are optimised), got {optimised}")
+        return value
+
     @property
     def primary(self) -> str:
+        """The reward raft and weighted optimise, and the one the hacking monitor watches rise."""
         return self.select_by or next(iter(self.weights))
+
+    @property
+    def scored(self) -> list[str]:
+        """Every application the job queries each round: the optimised ones (`weights`), then the monitored ones."""
+        return [*self.weights, *self.monitor]
 
 
 class SelectionConfig(Config):

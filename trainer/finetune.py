@@ -28,7 +28,8 @@ checkpoint and go on with the round after it, so no round is lost or repeated. R
 `run.output_dir` and `run.name` resumes the same way.
 
 Outputs in `run.output_dir`: metrics.jsonl (one row per round; trainer/metrics.py), tensorboard/,
-grids/round_XXX.png (held-out samples), reward_curve.png, and ray/<name>/ (Ray Train's checkpoints).
+grids/round_XXX.png (held-out samples, base beside current), base_eval_images.npy (the base round's grid
+images, for resumed runs), reward_curve.png, and ray/<name>/ (Ray Train's checkpoints).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Scoring sampled images with the fleet while the trainer keeps sampling.
 
-`BackgroundScorer.submit` sends a batch to every configured reward application on a background thread and
-returns at once; the trainer samples the next batch meanwhile and collects all results at the end of the round
-(`collect`). Only the time spent blocked in `collect` counts as waiting (`wait_s`), which is what the round
-metrics report as the fraction of round time spent waiting on rewards.
+`BackgroundScorer.submit` sends a batch to every configured reward application (`rewards.weights` and
+`rewards.monitor`) on a background thread and returns at once; the trainer samples the next batch meanwhile and
+collects all results at the end of the round (`collect`). Only the time spent blocked in `collect` counts as waiting
+(`wait_s`), which is what the round metrics report as the fraction of round time spent waiting on rewards.
 
 A reward call that still fails after the client's retries, and any per-sample error on a generated image, raises
 `RewardRoundError`: the round fails loudly rather than training on a missing score.
@@ -40,7 +40,7 @@ class BackgroundScorer:
                 image_format=config.image_format,
                 token=token,
             )
-            for name in config.weights
+            for name in config.scored  # the optimised rewards and the monitored ones
         }
         # One thread per reward: each client call is blocking I/O (it fans requests out on its own pool).
         self._pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="reward")

@@ -2,6 +2,11 @@
 
 Every worker samples its shard of the prompts; the scores are gathered so that every worker selects the same
 samples, then all of them train one DDP model; rank 0 writes the checkpoint, the metrics and the grids.
+
+Monitored rewards (`rewards.monitor`) are scored and logged like the optimised ones but never reach selection; each
+round's row flags reward hacking against round 0 (trainer/metrics.py, `reward_hacking`). Rank 0 keeps the base
+model's held-out images shown in the grids in `run.output_dir`/base_eval_images.npy, so a resumed run still draws
+base vs current.
 """
 
 from __future__ import annotations
@@ -18,11 +23,21 @@ import numpy as np
 
 from trainer.checkpoint import load_checkpoint, rng_state, write_checkpoint
 from trainer.config import FinetuneConfig
-from trainer.metrics import METRICS_FILE, round_row, save_eval_grid
+from trainer.metrics import (
+    GRID_PROMPTS,
+    GRID_SEEDS,
+    METRICS_FILE,
+    gather_eval_images,
+    reward_hacking,
+    round_row,
+    save_eval_grid,
+)
 from trainer.prompts import resolve_prompts
 from trainer.training import DenoisingBatch, encode_pretrain_pairs, encode_prompts, setup_training, train_step
 
 FAULT_MARKER = ".fault_injected"
+# Rank 0's copy of the base model's (round 0) held-out images shown in the grids: (prompts, seeds, H, W, 3) uint8.
+BASE_IMAGES_FILE = "base_eval_images.npy"
 
 
 def all_gather(obj: Any) -> list[Any]:
@@ -37,12 +52,15 @@ def all_gather(obj: Any) -> list[Any]:
 
 
 def select_samples(scores: dict[str, np.ndarray], config: FinetuneConfig) -> list[tuple[int, int, float]]:
-    """The round's training samples as (prompt, sample, loss weight), as `config.selection` says."""
+    """The round's training samples as (prompt, sample, loss weight), as `config.selection` says.
+
+    scores: reward -> (prompts, K); only the optimised rewards (`rewards.weights`) are used, so a monitored one
+    (`rewards.monitor`) is never selected by nor fused."""
     from services.selection import select_samples as select
 
     sel = config.selection
     return select(
-        scores,
+        {name: scores[name] for name in config.rewards.weights},
         sel.strategy,
         config.rewards.primary,
         weights=config.rewards.weights,
@@ -72,7 +90,7 @@ class Worker:
         torch.set_num_threads(run.torch_threads or max(1, int(run.cpus_per_worker)))
         self.device = ray.train.torch.get_device()
         self.output_dir = Path(run.output_dir)
-        self.rewards = list(config.rewards.weights)
+        self.rewards = config.rewards.scored  # optimised, then monitored
 
         # The pipeline; only the UNet's adapters (or the whole UNet) train.
         self.setup = setup_training(config, self.device)
@@ -90,6 +108,13 @@ class Worker:
             with checkpoint.as_directory() as directory:
                 self.state = load_checkpoint(Path(directory), self.setup, optim.method, self.rank)
         self.state["starts"] += 1
+        base_eval = self.state["base_eval"]
+        unscored = [name for name in self.rewards if base_eval is not None and name not in base_eval]
+        if unscored:
+            raise ValueError(
+                f"rewards {unscored} were not scored in round 0 of the run this one resumes, so there is no base to "
+                "compare them with: start a new run (another run.name) to add them"
+            )
         # DDP wrapper for training; sampling goes through self.pipe.unet, the same parameters.
         self.unet = ray.train.torch.prepare_model(self.pipe.unet) if self.world > 1 else self.pipe.unet
         self.pretrain_latents, self.pretrain_prompts = (
@@ -100,7 +125,11 @@ class Worker:
         self.scorer = BackgroundScorer(config.rewards)
         self.embed_cache: dict = {}
         self.writer = None
+        self.base_images = None  # rank 0: round 0's held-out images shown in the grids
         if self.is_main:
+            base_file = self.output_dir / BASE_IMAGES_FILE
+            if self.state["next_round"] > 0 and base_file.exists():
+                self.base_images = np.load(base_file)
             # The checkpoint's history is the truth: drop rows a crashed attempt wrote after its last checkpoint.
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / METRICS_FILE, "w") as f:
@@ -155,14 +184,19 @@ class Worker:
         if self.state["base_eval"] is None:
             self.state["base_eval"] = {n: scores["eval"][n].tolist() for n in self.rewards}
         row = round_row(rnd, final, scores, self.state["base_eval"], picks, loss, timings, self.state["starts"])
+        #    Reward hacking: the optimised reward up, a monitored one down, against the base model's row.
+        rewards = self.config.rewards
+        base_row = self.state["history"][0] if self.state["history"] else row
+        row.update(reward_hacking(base_row, row, rewards.primary, rewards.monitor, rewards.hacking_k))
+        if self.is_main:
+            self._log_hacking(row, base_row)
         self.state["history"].append(row)
         self.state["next_round"] = rnd + 1
 
         # 6. checkpoint (rank 0, not after the final evaluation) and report (every worker).
         rng_states = all_gather(rng_state())
         if self.is_main:
-            grid = self.output_dir / "grids" / f"round_{rnd:03d}.png"
-            save_eval_grid(eval_images, len(self.eval_prompts), self.config.prompts.eval_seeds, grid)
+            self._save_grid(rnd, eval_images, scores["eval"][rewards.primary])
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.is_main and not final:
@@ -185,6 +219,38 @@ class Worker:
                     self.writer.add_scalar(key, value, rnd)
             self.writer.flush()
         return row
+
+    def _log_hacking(self, row: dict, base: dict) -> None:
+        """One line per flagged monitored reward; printed, so Ray forwards it to the driver."""
+        rewards = self.config.rewards
+        opt = rewards.primary
+        for name in rewards.monitor:
+            if row[f"hacking/{name}"]:
+                print(
+                    f"reward hacking? round {row['round']}: {opt} (optimised) rose "
+                    f"{base[f'eval/{opt}/mean']:.4g} -> {row[f'eval/{opt}/mean']:.4g} on held-out prompts while "
+                    f"{name} (monitored) fell {base[f'eval/{name}/mean']:.4g} -> {row[f'eval/{name}/mean']:.4g}, "
+                    f"{row[f'hacking/{name}/drop_se']:.1f} base SEs (rewards.hacking_k = {rewards.hacking_k:g})",
+                    flush=True,
+                )
+
+    def _save_grid(self, rnd: int, eval_images: list, primary_scores: np.ndarray) -> None:
+        """Rank 0: grids/round_XXX.png, this round's held-out images beside the base model's (same noise)."""
+        primary = self.config.rewards.primary
+        images = gather_eval_images(eval_images, len(self.eval_prompts), self.config.prompts.eval_seeds)
+        if rnd == 0:
+            self.base_images = images[:GRID_PROMPTS, :GRID_SEEDS]
+            np.save(self.output_dir / BASE_IMAGES_FILE, self.base_images)
+        save_eval_grid(
+            images,
+            primary_scores,
+            self.eval_prompts,
+            self.output_dir / "grids" / f"round_{rnd:03d}.png",
+            reward=primary,
+            rnd=rnd,
+            base_images=self.base_images,
+            base_rewards=np.array(self.state["base_eval"][primary]),  # (P, E)
+        )
 
     def _sample_and_submit(self, rnd: int, final: bool) -> dict:
         """Samples this worker's training shard (K per prompt; none in the final round) and held-out shard, batch by

@@ -51,3 +51,26 @@ def test_precision_and_decode_fields():
     assert cluster.model.dtype == "auto"
     k = cluster.sampling.samples_per_prompt
     assert cluster.sampling.decode_batch_size < cluster.sampling.prompts_per_batch * k
+
+
+def test_monitored_rewards():
+    default = load_finetune_config(None)
+    assert default.rewards.monitor == () and default.rewards.hacking_k == 2.0
+    assert default.rewards.scored == ["jpeg_compressibility"]  # without a monitor, only the optimised rewards
+    config = load_finetune_config(
+        None,
+        [
+            "rewards.weights={alignment: 1, caption: 1}",
+            "rewards.monitor=[semantic, jpeg_compressibility]",
+            "rewards.hacking_k=3",
+        ],
+    )
+    assert config.rewards.monitor == ("semantic", "jpeg_compressibility") and config.rewards.hacking_k == 3.0
+    assert config.rewards.scored == ["alignment", "caption", "semantic", "jpeg_compressibility"]
+    assert config.rewards.primary == "alignment"
+    with pytest.raises(ValueError, match=r"rewards.monitor must not repeat an application, got \['semantic'\]"):
+        load_finetune_config(None, ["rewards.monitor=[semantic, caption, semantic]"])
+    with pytest.raises(ValueError, match=r"rewards.monitor must not name applications of rewards.weights .*'caption'"):
+        load_finetune_config(None, ["rewards.weights={caption: 1}", "rewards.monitor=[semantic, caption]"])
+    with pytest.raises(ValueError, match="rewards.hacking_k must be > 0"):
+        load_finetune_config(None, ["rewards.hacking_k=0"])

@@ -9,7 +9,7 @@ import pytest
 from services.selection import best_of_k, fuse
 from trainer.config import load_finetune_config
 from trainer.finetune import run_finetune
-from trainer.metrics import eval_stats, read_metrics, win_rate
+from trainer.metrics import GridLayout, eval_stats, read_metrics, reward_hacking, win_rate
 from trainer.worker import select_samples
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -120,7 +120,11 @@ def test_a_worker_death_resumes_from_the_last_checkpoint(fleet, tmp_path):
     assert result.rows[0]["selected"] <= 4 * 3
 
 
-def test_assemble_fuses_two_served_rewards(fleet, tmp_path):
+def test_assemble_fuses_two_served_rewards_and_monitors_a_third(fleet, tmp_path):
+    """Assemble over two served rewards, with the caption reward monitored: scored and logged every round, watched
+    for reward hacking, never fused."""
+    from PIL import Image
+
     config = tiny_job(
         fleet,
         tmp_path,
@@ -128,13 +132,30 @@ def test_assemble_fuses_two_served_rewards(fleet, tmp_path):
         "selection.strategy=assemble",
         "selection.fusion=rrf",
         "rewards.weights={jpeg_compressibility: 1.0, jpeg_limited: 0.5}",
+        "rewards.monitor=[caption]",
         "run.rounds=1",
     )
     result = run_finetune(config)
-    check_rows(result.rows, 1, ["jpeg_compressibility", "jpeg_limited"])
+    rows = result.rows
+    check_rows(rows, 1, ["jpeg_compressibility", "jpeg_limited", "caption"])
     # Both applications score JPEG size: the same numbers through two deployments.
-    row = result.rows[0]
+    row = rows[0]
     assert row["eval/jpeg_limited/mean"] == pytest.approx(row["eval/jpeg_compressibility/mean"])
+    # The monitored reward: held-out stats like the others (cosine similarity, in [-1, 1]), and the hacking monitor's
+    # keys in every row, as reward_hacking computes them from the rows against round 0.
+    for row in rows:
+        assert -1.0 <= row["eval/caption/mean"] <= 1.0 and row["eval/caption/se"] >= 0
+        expected = reward_hacking(rows[0], row, "jpeg_compressibility", ["caption"], 2.0)
+        assert {k: v for k, v in row.items() if k.startswith("hacking/")} == pytest.approx(expected, nan_ok=True)
+    assert rows[0]["hacking/caption"] == 0.0 and rows[0]["hacking/caption/drop_se"] == 0.0
+    assert rows[1]["hacking/caption"] in (0.0, 1.0)
+    # 4 training prompts, one winner each: selection ran on the fused jpeg ranks (the monitor is kept out of it:
+    # test_select_samples_never_sees_a_monitored_reward).
+    assert rows[0]["selected"] == 4
+    # The grids: 2 held-out prompts x 2 seeds, base beside current, labelled.
+    for rnd in (0, 1):
+        size = Image.open(result.output_dir / "grids" / f"round_{rnd:03d}.png").size
+        assert size == GridLayout(prompts=2, seeds=2, with_base=True).size
 
 
 def test_a_missing_reward_application_fails_before_any_worker_starts(fleet, tmp_path):
@@ -189,6 +210,44 @@ def test_select_samples_matches_brute_force_for_every_strategy():
 
     with pytest.raises(ValueError, match="missing"):
         select_samples({"a": np.full((1, 2), np.nan), "b": b[:1, :2]}, config("selection.strategy=raft"))
+
+
+def test_select_samples_never_sees_a_monitored_reward():
+    """The job's selection with a monitored reward among the scores is the selection without it, for every strategy;
+    fusing it too would have picked other samples."""
+    from services.selection import select_samples as select
+
+    rng = np.random.default_rng(1)
+    scores = {"a": rng.normal(size=(6, 4)), "b": rng.normal(size=(6, 4))}
+    monitored = {**scores, "m": 10.0 * rng.normal(size=(6, 4))}
+    for strategy in ("raft", "assemble", "weighted"):
+        plain = load_finetune_config(None, ["rewards.weights={a: 1.0, b: 1.0}", f"selection.strategy={strategy}"])
+        config = load_finetune_config(
+            None, ["rewards.weights={a: 1.0, b: 1.0}", "rewards.monitor=[m]", f"selection.strategy={strategy}"]
+        )
+        assert select_samples(monitored, config) == select_samples(scores, plain)
+    assemble = load_finetune_config(
+        None, ["rewards.weights={a: 1.0, b: 1.0}", "rewards.monitor=[m]", "selection.strategy=assemble"]
+    )
+    assert select(monitored, "assemble", "a", weights={"a": 1.0, "b": 1.0}) != select_samples(monitored, assemble)
+
+
+def test_a_flagged_round_prints_one_line_per_flagged_reward(capsys):
+    from types import SimpleNamespace
+
+    from trainer.worker import Worker
+
+    config = load_finetune_config(None, ["rewards.weights={a: 1.0}", "rewards.monitor=[m, n]"])
+    base = {"eval/a/mean": 1.0, "eval/a/se": 0.1, "eval/m/mean": 0.5, "eval/m/se": 0.05, "eval/n/mean": 0.5}
+    base["eval/n/se"] = 0.05
+    row = {"round": 3, "eval/a/mean": 1.5, "eval/m/mean": 0.3, "eval/n/mean": 0.5}
+    row.update(reward_hacking(base, row, "a", ["m", "n"], config.rewards.hacking_k))
+    Worker._log_hacking(SimpleNamespace(config=config), row, base)
+    (line,) = capsys.readouterr().out.splitlines()  # m fell 4 SE; n did not move
+    assert line == (
+        "reward hacking? round 3: a (optimised) rose 1 -> 1.5 on held-out prompts while m (monitored) fell 0.5 -> "
+        "0.3, 4.0 base SEs (rewards.hacking_k = 2)"
+    )
 
 
 def test_eval_stats_and_win_rate():
