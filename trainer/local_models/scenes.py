@@ -202,7 +202,7 @@ def _draw_background(img: np.ndarray, background: str, rng: np.random.Generator)
         raise ValueError(f"background must be one of {list(BACKGROUNDS)}, got {background!r}")
 
 
-def _shape_mask(shape: str, size: int, cy: float, cx: float, half: float) -> np.ndarray:
+def shape_mask(shape: str, size: int, cy: float, cx: float, half: float) -> np.ndarray:
     """(size, size) bool mask of one object centred at (cy, cx), `half` = half its extent."""
     yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
     if shape == "ball":
@@ -268,7 +268,7 @@ def render_image(attrs: dict, rng: np.random.Generator, size: int = 64) -> np.nd
     gap = max(2, size // 32)
     halves = [rng.uniform(*OBJECT_HALF_SIZE) * size for _ in range(attrs["count"])]
     for (cy, cx), half in zip(_place(halves, size, outline + 1, gap, rng), halves, strict=True):
-        fill = _shape_mask(attrs["object"], size, cy, cx, half)
+        fill = shape_mask(attrs["object"], size, cy, cx, half)
         img[_dilate(fill, outline)] = OUTLINE_RGB
         img[fill] = OBJECT_RGB[attrs["color"]]
     return img
