@@ -103,12 +103,7 @@ class RewardsConfig(Config):
         "hacking/<name>, a log line) when the optimised reward (`primary`) rose while a monitored one fell by more "
         "than `hacking_k` of its base standard errors. Must not repeat a name or overlap `weights`.",
     )
-    hacking_k: float = Field(
-        2.0,
-        gt=0,
-        description="Reward hacking threshold: a monitored reward's held-out mean must fall by more than this many of "
-        "its base (round 0) standard errors over seeds to be flagged.",
-    )
+    hacking_k: float = Field(2.0, gt=0, description="Flag when a monitored reward fell by > k base SEs (see monitor).")
     max_samples_per_request: int = Field(
         32, ge=1, description="Client limit on samples per request (it also stays under the server's, from Describe)."
     )
