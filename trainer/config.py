@@ -243,6 +243,40 @@ class PromptsConfig(Config):
     )
 
 
+class TestbedEvalConfig(Config):
+    oracle: bool = Field(
+        False,
+        description="Score the held-out images with the testbed's oracle (trainer/local_models/oracle.py) every "
+        "round: eval/oracle/<attr>/mean and /se for attr in all, count, color, object, background (per-image 0/1 "
+        "correctness). Evaluation only, never a reward. Every held-out prompt must be a testbed prompt "
+        '("three green balls in the city", scenes.parse_prompt), checked when the job starts.',
+    )
+    fidelity_clip: str | None = Field(
+        None,
+        description="A CLIP model directory (`~` expanded) for eval/fidelity/mean and /se: each held-out image's "
+        "cosine distance (1 - cos) to the mean image embedding of `fidelity_renders` renders of its prompt (lower = "
+        "closer to the world's images). The local profile's is the testbed's stand-in CLIP, "
+        "~/.cache/rewardfleet/alignment_testbed/testbed/clip. Needs testbed prompts, as `oracle` does. None = no "
+        "fidelity metric or figure.",
+    )
+    fidelity_renders: int = Field(
+        16,
+        ge=1,
+        description="Renders of each held-out prompt behind its fidelity reference, at model.resolution, drawn once "
+        "when the job starts from a fixed seed (run.seed).",
+    )
+
+    @field_validator("fidelity_clip")
+    @classmethod
+    def _expand(cls, value: str | None) -> str | None:
+        return str(Path(value).expanduser()) if value is not None else None
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any held-out metric of the testbed world is on (each needs testbed prompts)."""
+        return self.oracle or self.fidelity_clip is not None
+
+
 class RunConfig(Config):
     rounds: int = Field(3, ge=1, description="Fine-tuning rounds (sample, score, select, train, checkpoint).")
     num_workers: int = Field(
@@ -289,12 +323,29 @@ class FinetuneConfig(Config):
     )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="What trains, and the optimizer.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Training and held-out prompts.")
+    testbed: TestbedEvalConfig = Field(
+        default_factory=TestbedEvalConfig,
+        description="Held-out metrics of the synthetic testbed world (trainer/local_models/scenes.py), for runs on "
+        "its prompts: oracle accuracy and fidelity to its renders.",
+    )
     run: RunConfig = Field(default_factory=RunConfig, description="Rounds, workers, outputs, resumption.")
 
     @model_validator(mode="after")
     def _assemble_needs_rewards(self) -> FinetuneConfig:
         if self.selection.strategy == "assemble" and len(self.rewards.weights) < 2:
             raise ValueError("selection.strategy=assemble fuses several rewards: list at least two in rewards.weights")
+        return self
+
+    @model_validator(mode="after")
+    def _testbed_needs_its_prompts(self) -> FinetuneConfig:
+        # The prompt files' contents are checked when the job starts (trainer/finetune.py); generated prompts are
+        # the papers' ("two green dogs ..."), never all of them the testbed's.
+        if self.testbed.enabled and self.prompts.eval_file is None and self.prompts.train_file is None:
+            field = "testbed.oracle" if self.testbed.oracle else "testbed.fidelity_clip"
+            raise ValueError(
+                f'{field} needs testbed prompts ("three green balls in the city"), but the held-out prompts would '
+                "be generated in the papers' style: set prompts.eval_file (or prompts.train_file) to testbed prompts"
+            )
         return self
 
 

@@ -23,6 +23,10 @@ Those steps are `Worker.run_round` (trainer/worker.py); this module is the drive
 After the last round the held-out prompts are sampled once more, so the metrics hold rounds 0..R of evaluation:
 round r is the model after r rounds of training, and round 0 is the base model.
 
+On the testbed world's prompts, `testbed.oracle` and `testbed.fidelity_clip` add held-out metrics the job never
+optimises (trainer/evaluation.py): the oracle's attribute accuracy, shown beside the held-out reward as rounds go,
+and the distance to the world's renders. The driver checks that every held-out prompt is a testbed prompt first.
+
 A worker that dies makes Ray Train restart the group (`run.max_failures`); the restarted workers load the latest
 checkpoint and go on with the round after it, so no round is lost or repeated. Rerunning with the same
 `run.output_dir` and `run.name` resumes the same way.
@@ -42,11 +46,18 @@ from services.config import from_dict, replace, to_dict
 from trainer.config import FinetuneConfig
 
 # The job's public names, wherever they live (deploy/cli.py and deploy/demo.py import them from here).
-from trainer.metrics import METRICS_FILE, improvement_summary, plot_reward_curve, read_metrics
+from trainer.metrics import METRICS_FILE, ORACLE_ALL, improvement_summary, plot_reward_curve, read_metrics
 from trainer.prompts import resolve_prompts
 from trainer.worker import Worker
 
-__all__ = ["FinetuneRun", "improvement_summary", "read_metrics", "run_finetune", "train_loop_per_worker"]
+__all__ = [
+    "FinetuneRun",
+    "check_inputs",
+    "improvement_summary",
+    "read_metrics",
+    "run_finetune",
+    "train_loop_per_worker",
+]
 
 
 def train_loop_per_worker(config_dict: dict) -> None:
@@ -60,12 +71,39 @@ def train_loop_per_worker(config_dict: dict) -> None:
         bar = tqdm(range(worker.state["next_round"], config.run.rounds + 1), desc="rounds", disable=not worker.is_main)
         for rnd in bar:
             row = worker.run_round(rnd)
-            bar.set_postfix({f"held-out {primary}": f"{row[f'eval/{primary}/mean']:.4g}"})
+            postfix = {f"held-out {primary}": f"{row[f'eval/{primary}/mean']:.4g}"}
+            if ORACLE_ALL in row:
+                postfix["oracle all"] = f"{row[ORACLE_ALL]:.3f}"
+            bar.set_postfix(postfix)
     finally:
         worker.close()
 
 
 # --- The driver --------------------------------------------------------------------------------------------------
+
+
+def check_inputs(config: FinetuneConfig) -> None:
+    """What the job reads that can be checked before any worker starts (so a mistake fails here, once, before any
+    sampling, not in every worker): the prompt files, and with `testbed` metrics on, that every held-out prompt is
+    a testbed prompt and that the fidelity CLIP's directory exists.
+
+    Raises:
+        ValueError: a bad prompt file, or a held-out prompt that is not a testbed prompt (the first one is named).
+        FileNotFoundError: a prompt file or `testbed.fidelity_clip` does not exist.
+    """
+    from services.models import resolve_model_source
+    from trainer.evaluation import parse_testbed_prompts
+
+    _, eval_prompts = resolve_prompts(config.prompts, config.run.seed)
+    testbed = config.testbed
+    if testbed.enabled:
+        field = "testbed.oracle" if testbed.oracle else "testbed.fidelity_clip"
+        try:
+            parse_testbed_prompts(eval_prompts)
+        except ValueError as e:
+            raise ValueError(f"{field} needs testbed prompts: {e}") from None
+    if testbed.fidelity_clip is not None:
+        resolve_model_source(testbed.fidelity_clip, "testbed.fidelity_clip")
 
 
 @dataclass
@@ -98,6 +136,7 @@ def run_finetune(config: FinetuneConfig, on_round=None) -> FinetuneRun:
     `on_round(row)`, if given, is called on the driver with each round's metrics row as the job writes it.
 
     Raises:
+        ValueError, FileNotFoundError: bad inputs (`check_inputs`, before anything starts).
         trainer.scoring.RewardRoundError: a reward application is not reachable (checked before starting workers).
         ray.train.TrainingFailedError: the job failed more than run.max_failures times.
     """
@@ -108,7 +147,7 @@ def run_finetune(config: FinetuneConfig, on_round=None) -> FinetuneRun:
 
     output_dir = Path(config.run.output_dir).expanduser().resolve()
     config = replace(config, run=replace(config.run, output_dir=str(output_dir)))
-    resolve_prompts(config.prompts, config.run.seed)  # bad prompt files fail here, not in every worker
+    check_inputs(config)
     scorer = BackgroundScorer(config.rewards)
     try:
         scorer.check()

@@ -2,7 +2,9 @@
 
 Each round writes one row to metrics.jsonl (and TensorBoard): per reward (optimised or monitored), the held-out mean,
 max, standard error over seeds and win rate against the base model (round 0), the training samples' mean and max, the
-loss, and timings; per monitored reward, the reward-hacking flag `hacking/<name>` and `hacking/<name>/drop_se`.
+loss, and timings; per monitored reward, the reward-hacking flag `hacking/<name>` and `hacking/<name>/drop_se`; on
+the testbed world (config section `testbed`, trainer/evaluation.py), `eval/oracle/<attr>/mean` and `/se` (attribute
+accuracy) and `eval/fidelity/mean` and `/se` (cosine distance to the world's renders).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from services.config import read_jsonl
 METRICS_FILE = "metrics.jsonl"
 # The held-out grids show at most this many prompts (rows) and seeds (columns per block).
 GRID_PROMPTS, GRID_SEEDS = 8, 4
+# The oracle's all-attribute accuracy of the held-out images, the testbed metric the progress lines show.
+ORACLE_ALL = "eval/oracle/all/mean"
 
 
 def win_rate(current: np.ndarray, base: np.ndarray) -> float:
@@ -39,10 +43,14 @@ def eval_stats(scores: np.ndarray) -> dict[str, float]:
 
 
 def improvement_summary(rows: list[dict], reward: str) -> dict[str, float]:
-    """Base vs final held-out mean of `reward`, and the gain in base standard errors."""
+    """Base vs final held-out mean of `reward`, and the gain in base standard errors; with the oracle's all-attribute
+    accuracy, base vs final too (`base_oracle_all`, `final_oracle_all`, where both rows have it)."""
     base, final = rows[0], rows[-1]
     se = base[f"eval/{reward}/se"]
     gain = final[f"eval/{reward}/mean"] - base[f"eval/{reward}/mean"]
+    oracle = {}
+    if ORACLE_ALL in base and ORACLE_ALL in final:
+        oracle = {"base_oracle_all": base[ORACLE_ALL], "final_oracle_all": final[ORACLE_ALL]}
     return {
         "base_mean": base[f"eval/{reward}/mean"],
         "base_se": se,
@@ -51,6 +59,7 @@ def improvement_summary(rows: list[dict], reward: str) -> dict[str, float]:
         "gain_in_se": gain / se if se and se > 0 else float("inf"),
         "final_win_rate": final[f"eval/{reward}/win_rate"],
         "rounds": final["round"],
+        **oracle,
     }
 
 
@@ -126,8 +135,8 @@ def _curve(ax, rows: list[dict], prefix: str, label: str) -> None:
 def plot_reward_curve(rows: list[dict], rewards: list[str], path: Path, extra: Sequence[str] | None = None) -> None:
     """Held-out mean (+- SE) and training mean of each reward per round, one panel each; then a panel of the `extra`
     held-out metrics (prefixes such as "eval/oracle/all": their /mean, +- /se where present; None = every
-    "eval/oracle/..." metric in the rows), beside the rewards; then one panel per monitored reward, its flagged rounds
-    marked."""
+    "eval/oracle/..." metric in the rows), beside the rewards; then the fidelity panel (eval/fidelity, where the
+    rows have it); then one panel per monitored reward, its flagged rounds marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,13 +146,18 @@ def plot_reward_curve(rows: list[dict], rewards: list[str], path: Path, extra: S
         keys = {key for row in rows for key in row if key.startswith("eval/oracle/") and key.endswith("/mean")}
         extra = sorted(key.removesuffix("/mean") for key in keys)
     monitored = [name for name in monitored_rewards(rows) if name not in rewards]
-    panels = [*rewards, *([None] if extra else []), *monitored]  # None: the panel of the extra metrics
+    fidelity = any("eval/fidelity/mean" in row for row in rows)
+    # None: the panel of the extra metrics
+    panels = [*rewards, *([None] if extra else []), *(["eval/fidelity"] if fidelity else []), *monitored]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, name in zip(axes[0], panels, strict=True):
         if name is None:
             for prefix in extra:
                 _curve(ax, rows, prefix, prefix.removeprefix("eval/"))
             ax.set_ylabel("held-out")
+        elif name == "eval/fidelity":
+            _curve(ax, rows, name, "held-out mean (+- SE over images)")
+            ax.set_ylabel("fidelity: 1 - cos to the world's renders\n(CLIP image embeddings; lower = closer)")
         else:
             _curve(ax, rows, f"eval/{name}", "held-out mean (+- SE over seeds)")
             train = [(r["round"], r[f"train/{name}/mean"]) for r in rows if f"train/{name}/mean" in r]

@@ -7,6 +7,10 @@ Monitored rewards (`rewards.monitor`) are scored and logged like the optimised o
 round's row flags reward hacking against round 0 (trainer/metrics.py, `reward_hacking`). Rank 0 keeps the base
 model's held-out images shown in the grids in `run.output_dir`/base_eval_images.npy, so a resumed run still draws
 base vs current.
+
+On the testbed world's prompts (config section `testbed`), each round's row also holds the oracle's attribute
+accuracy and the fidelity to the world's renders of the held-out images (trainer/evaluation.py): rank 0 computes them
+on every worker's images and shares them, so every worker's row and history stay the same.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 
 from trainer.checkpoint import load_checkpoint, rng_state, write_checkpoint
 from trainer.config import FinetuneConfig
+from trainer.evaluation import Fidelity, oracle_metrics
 from trainer.metrics import (
     GRID_PROMPTS,
     GRID_SEEDS,
@@ -98,6 +103,18 @@ class Worker:
         self.train_prompts, self.eval_prompts = resolve_prompts(config.prompts, run.seed)
         self.my_train = list(range(self.rank, len(self.train_prompts), self.world))  # this worker's prompt indices
         self.my_eval = list(range(self.rank, len(self.eval_prompts), self.world))
+        # Held-out metrics of the testbed world: rank 0 computes them (the driver has checked the prompts parse).
+        self.fidelity = None
+        if self.is_main and config.testbed.fidelity_clip is not None:
+            testbed = config.testbed
+            self.fidelity = Fidelity(
+                testbed.fidelity_clip,
+                self.eval_prompts,
+                config.model.resolution,
+                testbed.fidelity_renders,
+                run.seed,
+                device=self.device,
+            )
 
         # Resume: the run's own latest checkpoint, else run.resume_from.
         self.state: dict[str, Any] = {"next_round": 0, "base_eval": None, "history": [], "starts": 0}
@@ -181,9 +198,17 @@ class Worker:
             timing["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         timings = all_gather(timing)
         eval_images = all_gather((self.my_eval, np.concatenate(sampled["eval_images"]) if self.my_eval else None))
+        # (prompts, eval seeds, H, W, 3) uint8 on rank 0, which draws the grids and computes the testbed metrics
+        held_out = (
+            gather_eval_images(eval_images, len(self.eval_prompts), self.config.prompts.eval_seeds)
+            if self.is_main
+            else None
+        )
         if self.state["base_eval"] is None:
             self.state["base_eval"] = {n: scores["eval"][n].tolist() for n in self.rewards}
         row = round_row(rnd, final, scores, self.state["base_eval"], picks, loss, timings, self.state["starts"])
+        #    The testbed world's held-out metrics (oracle, fidelity), when configured.
+        row.update(self._testbed_metrics(held_out))
         #    Reward hacking: the optimised reward up, a monitored one down, against the base model's row.
         rewards = self.config.rewards
         base_row = self.state["history"][0] if self.state["history"] else row
@@ -196,7 +221,7 @@ class Worker:
         # 6. checkpoint (rank 0, not after the final evaluation) and report (every worker).
         rng_states = all_gather(rng_state())
         if self.is_main:
-            self._save_grid(rnd, eval_images, scores["eval"][rewards.primary])
+            self._save_grid(rnd, held_out, scores["eval"][rewards.primary])
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if self.is_main and not final:
@@ -234,10 +259,26 @@ class Worker:
                     flush=True,
                 )
 
-    def _save_grid(self, rnd: int, eval_images: list, primary_scores: np.ndarray) -> None:
-        """Rank 0: grids/round_XXX.png, this round's held-out images beside the base model's (same noise)."""
+    def _testbed_metrics(self, held_out: np.ndarray | None) -> dict[str, float]:
+        """The oracle's and the fidelity metrics of this round's held-out images (trainer/evaluation.py), computed
+        by rank 0 (`held_out`: every held-out image, None on the other ranks) and shared with every worker, so
+        their rows agree; {} when `testbed` configures neither. Every worker must call it."""
+        testbed = self.config.testbed
+        if not testbed.enabled:
+            return {}
+        metrics = None
+        if self.is_main:
+            images = held_out.reshape(-1, *held_out.shape[2:])  # (prompts * eval seeds, H, W, 3) uint8
+            prompts = [p for p in self.eval_prompts for _ in range(held_out.shape[1])]  # prompt-major, as images
+            metrics = oracle_metrics(images, prompts) if testbed.oracle else {}
+            if self.fidelity is not None:
+                metrics.update(self.fidelity(images, prompts))
+        return all_gather(metrics)[0]
+
+    def _save_grid(self, rnd: int, images: np.ndarray, primary_scores: np.ndarray) -> None:
+        """Rank 0: grids/round_XXX.png, this round's held-out images (prompts, seeds, H, W, 3) beside the base
+        model's (same noise)."""
         primary = self.config.rewards.primary
-        images = gather_eval_images(eval_images, len(self.eval_prompts), self.config.prompts.eval_seeds)
         if rnd == 0:
             self.base_images = images[:GRID_PROMPTS, :GRID_SEEDS]
             np.save(self.output_dir / BASE_IMAGES_FILE, self.base_images)

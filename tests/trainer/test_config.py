@@ -1,5 +1,7 @@
 """Fine-tuning config: presets load, unknown keys are rejected with the valid ones, dotted overrides apply."""
 
+from pathlib import Path
+
 import pytest
 
 from trainer.config import CONFIG_DIR, FinetuneConfig, load_finetune_config
@@ -74,3 +76,38 @@ def test_monitored_rewards():
         load_finetune_config(None, ["rewards.weights={caption: 1}", "rewards.monitor=[semantic, caption]"])
     with pytest.raises(ValueError, match="rewards.hacking_k must be > 0"):
         load_finetune_config(None, ["rewards.hacking_k=0"])
+
+
+def test_testbed_metrics_need_testbed_prompts(tmp_path):
+    from trainer.finetune import check_inputs
+
+    default = load_finetune_config(None)
+    assert default.testbed.oracle is False and default.testbed.fidelity_clip is None
+    assert default.testbed.fidelity_renders == 16 and not default.testbed.enabled
+    # Generated held-out prompts are the papers' ("two green dogs ..."): refused when the config loads.
+    for field in ("testbed.oracle=true", "testbed.fidelity_clip=/some/clip"):
+        with pytest.raises(ValueError, match=rf"{field.split('=')[0]} needs testbed prompts .* set prompts.eval_file"):
+            load_finetune_config(None, [field])
+    with pytest.raises(ValueError, match="testbed.fidelity_renders must be >= 1"):
+        load_finetune_config(None, ["testbed.fidelity_renders=0"])
+
+    # A prompt file's contents are checked when the job starts, before any worker: the first bad prompt is named.
+    bad = tmp_path / "bad.txt"
+    bad.write_text("three green balls in the city\none red cube on the beach\ntwo green dogs in the city\n")
+    config = load_finetune_config(None, ["testbed.oracle=true", f"prompts.eval_file={bad}"])
+    with pytest.raises(ValueError) as error:
+        check_inputs(config)
+    assert str(error.value) == (
+        "testbed.oracle needs testbed prompts: 1 of 3 held-out prompts do not parse as testbed prompts; the first, "
+        "number 3: 'two green dogs in the city' is not a testbed prompt: object 'dogs' is not one of "
+        "['ball', 'cube', 'pyramid', 'gem'] (plural with 's')"
+    )
+    good = tmp_path / "good.txt"
+    good.write_text("three green balls in the city\none red cube on the beach\n")
+    check_inputs(load_finetune_config(None, ["testbed.oracle=true", f"prompts.eval_file={good}"]))
+
+    # fidelity_clip: `~` expanded when the config loads; a directory that does not exist fails at job start.
+    clip = load_finetune_config(None, [f"prompts.eval_file={good}", "testbed.fidelity_clip=~/no/such/clip"])
+    assert clip.testbed.fidelity_clip == str(Path("~/no/such/clip").expanduser()) and clip.testbed.enabled
+    with pytest.raises(FileNotFoundError, match="testbed.fidelity_clip: local model path .* does not exist"):
+        check_inputs(clip)

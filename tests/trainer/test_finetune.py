@@ -120,11 +120,17 @@ def test_a_worker_death_resumes_from_the_last_checkpoint(fleet, tmp_path):
     assert result.rows[0]["selected"] <= 4 * 3
 
 
-def test_assemble_fuses_two_served_rewards_and_monitors_a_third(fleet, tmp_path):
+def test_assemble_fuses_two_served_rewards_and_monitors_a_third(fleet, local_artifacts, tmp_path):
     """Assemble over two served rewards, with the caption reward monitored: scored and logged every round, watched
-    for reward hacking, never fused."""
+    for reward hacking, never fused. The held-out prompts are the testbed world's, with its oracle and fidelity
+    metrics on (the local profile's tiny random CLIP, built for the fleet)."""
     from PIL import Image
 
+    from trainer.evaluation import ORACLE_ATTRIBUTES
+
+    # Testbed objects (cubes, gems) are in no generated training prompt, so the two sets stay disjoint.
+    eval_file = tmp_path / "testbed_eval.txt"
+    eval_file.write_text("two red cubes in the city\none blue gem on the beach\n")
     config = tiny_job(
         fleet,
         tmp_path,
@@ -134,10 +140,20 @@ def test_assemble_fuses_two_served_rewards_and_monitors_a_third(fleet, tmp_path)
         "rewards.weights={jpeg_compressibility: 1.0, jpeg_limited: 0.5}",
         "rewards.monitor=[caption]",
         "run.rounds=1",
+        f"prompts.eval_file={eval_file}",
+        "testbed.oracle=true",
+        f"testbed.fidelity_clip={local_artifacts['tiny/clip']}",
+        "testbed.fidelity_renders=4",
     )
     result = run_finetune(config)
     rows = result.rows
     check_rows(rows, 1, ["jpeg_compressibility", "jpeg_limited", "caption"])
+    # The testbed metrics of every round (rounds 0..R, as the rewards'). The random pipeline's images are noise, so
+    # only their ranges are checked: accuracies in [0, 1], cosine distances in [0, 2].
+    for row in rows:
+        for attr in ORACLE_ATTRIBUTES:
+            assert 0.0 <= row[f"eval/oracle/{attr}/mean"] <= 1.0 and row[f"eval/oracle/{attr}/se"] >= 0.0
+        assert 0.0 <= row["eval/fidelity/mean"] <= 2.0 and row["eval/fidelity/se"] >= 0.0
     # Both applications score JPEG size: the same numbers through two deployments.
     row = rows[0]
     assert row["eval/jpeg_limited/mean"] == pytest.approx(row["eval/jpeg_compressibility/mean"])

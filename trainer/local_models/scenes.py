@@ -77,6 +77,42 @@ def render_prompt(attrs: dict) -> str:
     return f"{COUNT_WORDS[attrs['count']]} {attrs['color']} {noun} {BACKGROUND_PHRASES[attrs['background']]}"
 
 
+def parse_prompt(text: str) -> dict:
+    """The attribute dict of a prompt, the exact inverse of `render_prompt`: parse_prompt(render_prompt(a)) == a,
+    and any text it accepts is one render_prompt writes (same words, spacing and plural).
+
+    Raises:
+        ValueError: `text` is not a prompt of this world; the message names it and every part that did not parse.
+    """
+    # Split on single spaces, so doubled or stray whitespace leaves an empty word that fails below.
+    words = text.split(" ")
+    if len(words) < 5:  # count, color, noun, then a background phrase of two or three words
+        raise ValueError(
+            f"{text!r} is not a testbed prompt: expected '<count> <color> <object> <background>' as in "
+            f"{render_prompt(dict(count=2, color='green', object='ball', background='city'))!r}"
+        )
+    count_word, color, noun, phrase = words[0], words[1], words[2], " ".join(words[3:])
+    counts = {word: count for count, word in COUNT_WORDS.items()}
+    backgrounds = {phrase: background for background, phrase in BACKGROUND_PHRASES.items()}
+    problems = []
+    if count_word not in counts:
+        problems.append(f"count {count_word!r} is not one of {list(counts)}")
+    if color not in COLORS:
+        problems.append(f"color {color!r} is not one of {list(COLORS)}")
+    plural = noun.endswith("s") and noun[:-1] in OBJECTS  # no object's name ends in "s"
+    obj = noun[:-1] if plural else noun
+    if obj not in OBJECTS:
+        problems.append(f"object {noun!r} is not one of {list(OBJECTS)} (plural with 's')")
+    elif count_word in counts and plural != (counts[count_word] > 1):
+        number = "plural" if counts[count_word] > 1 else "singular"
+        problems.append(f"object {noun!r} must be {number} after {count_word!r}")
+    if phrase not in backgrounds:
+        problems.append(f"background {phrase!r} is not one of {list(backgrounds)}")
+    if problems:
+        raise ValueError(f"{text!r} is not a testbed prompt: " + "; ".join(problems))
+    return {"count": counts[count_word], "color": color, "object": obj, "background": backgrounds[phrase]}
+
+
 def perturb(attrs: dict, rng: np.random.Generator, n: int = 1) -> list[dict]:
     """`n` distinct attribute dicts that each differ from `attrs` in exactly one attribute of PERTURBABLE.
 
