@@ -303,6 +303,11 @@ def train(
         f"{summary['final_mean']:.5g} after {summary['rounds']} rounds: {summary['gain']:+.4g} "
         f"= {summary['gain_in_se']:+.1f} SE; win rate vs base {summary['final_win_rate']:.2f}"
     )
+    if "final_oracle_all" in summary:
+        typer.echo(
+            f"testbed oracle, all four attributes right on held-out prompts: {summary['base_oracle_all']:.3f} (base) "
+            f"-> {summary['final_oracle_all']:.3f}"
+        )
     typer.echo(f"outputs: {result.output_dir} (metrics.jsonl, tensorboard/, grids/, reward_curve.png)")
     typer.echo(f"latest checkpoint: {result.checkpoint}")
 
@@ -311,8 +316,10 @@ def train(
 def build_local_cmd(
     progress: Annotated[bool, typer.Option(help="Show a progress bar for the testbed reward's first build.")] = True,
 ) -> None:
-    """Build the local profile's models into ~/.cache/rewardfleet, once: the tiny seeded models (seconds) and the
-    alignment reward trained on the synthetic testbed (a few minutes on 2 cores). Later calls find them cached."""
+    """Build the local profile's models into ~/.cache/rewardfleet, once: the tiny seeded models (seconds), the
+    alignment reward trained on the synthetic testbed (a few minutes on 2 cores), and the testbed world's trained
+    text-to-image model and captioner, installed from the weights shipped in the package with the fine-tuning job's
+    prompt files (seconds). Later calls find them cached."""
     from trainer.local_models.artifacts import build_local_artifacts
 
     for name, path in build_local_artifacts(progress=progress).items():

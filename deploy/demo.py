@@ -1,8 +1,11 @@
-"""`make demo`: start the local fleet, score example images over gRPC, run a short fine-tuning job, shut down.
+"""`make demo`: start the local fleet, score images of the testbed world over gRPC, fine-tune its model, shut down.
 
-Example images are generated (seeded) into demo_out/images: flat, gradients, shapes, noise, plus one corrupt file
-to show that a bad image gets its own error while the others are scored. Then 3 rounds of RAFT fine-tune the tiny
-Stable Diffusion pipeline against the fleet's jpeg_compressibility reward (trainer/configs/local.yaml).
+The local profile's rewards serve models trained on the synthetic testbed world (trainer/local_models/): counted,
+coloured objects on four backgrounds, with every fact about an image known. The demo renders one scene for a prompt,
+three scenes that each get one attribute of it wrong, an image of noise and a corrupt file (a bad image gets its own
+error while the others are scored), and shows what each reward makes of them, captions included. Then a few rounds
+of RAFT fine-tune the world's text-to-image model against the learned alignment reward (trainer/configs/local.yaml),
+and the testbed oracle reads the held-out prompts' images before and after.
 """
 
 from __future__ import annotations
@@ -21,28 +24,32 @@ from services.codec import encode_image
 OUT = Path("demo_out")
 
 
+# The demo's prompt, and one-attribute changes of it: each example image shows one of these.
+PROMPT = {"count": 2, "color": "red", "object": "ball", "background": "beach"}
+CHANGES = {"count": 3, "color": "blue", "background": "snow"}
+ATTRS = ("count", "color", "object", "background")
+
+
 def make_example_images(folder: Path, seed: int = 0) -> list[Path]:
-    """Writes a few seeded images of increasing visual complexity (and one corrupt PNG); returns their paths."""
+    """Writes seeded renders of PROMPT and of each one-attribute change of it, noise and a corrupt PNG; returns
+    their paths, in that order."""
+    from trainer.local_models.scenes import render_image, render_prompt
+
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    size = 256
-    y, x = np.mgrid[0:size, 0:size]
-    images = {
-        "01_flat_grey": np.full((size, size, 3), 128, np.uint8),
-        "02_gradient": np.stack([x, y, (x + y) // 2], axis=-1).astype(np.uint8),
-        "03_red_disc_on_sky": np.where(
-            ((x - 128) ** 2 + (y - 140) ** 2 < 60**2)[..., None], [220, 30, 30], [120, 170, 230]
-        ).astype(np.uint8),
-        "04_checkerboard": (((x // 16 + y // 16) % 2) * 255)[..., None].repeat(3, axis=2).astype(np.uint8),
-        "05_noise": rng.integers(0, 256, (size, size, 3), dtype=np.uint8),
+    scenes = {"01_as_prompted": PROMPT} | {
+        f"{i:02d}_wrong_{key}": {**PROMPT, key: value} for i, (key, value) in enumerate(CHANGES.items(), start=2)
     }
+    images = {name: render_image(attrs, rng, 32) for name, attrs in scenes.items()}
+    images["05_noise"] = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
     paths = []
     for name, array in images.items():
-        path = folder / f"{name}.png"
+        stem = name if name not in scenes or name == "01_as_prompted" else f"{name}_{render_prompt(scenes[name])}"
+        path = folder / f"{stem.replace(' ', '_')}.png"
         path.write_bytes(encode_image(array, "PNG"))
         paths.append(path)
     corrupt = folder / "06_corrupt.png"
-    corrupt.write_bytes(paths[1].read_bytes()[:300])  # a truncated PNG
+    corrupt.write_bytes(paths[0].read_bytes()[:100])  # a truncated PNG
     return [*paths, corrupt]
 
 
@@ -59,14 +66,25 @@ def finetune(target: str, rounds: int = 3) -> bool:
     shutil.rmtree(OUT / "finetune", ignore_errors=True)  # a fresh run, not a resume of the last demo's
     t0 = time.perf_counter()
     result = run_finetune(config)
-    print(format_rounds(result.rows, list(config.rewards.weights)))
-    summary = improvement_summary(result.rows, config.rewards.primary)
+    print(format_rounds(result.rows, list(config.rewards.scored)))
+    primary = config.rewards.primary
+    summary = improvement_summary(result.rows, primary)
+    base, final = result.rows[0], result.rows[-1]
     print(
-        f"[demo] held-out jpeg_compressibility {summary['base_mean']:.4f} -> {summary['final_mean']:.4f} "
+        f"[demo] held-out {primary} {summary['base_mean']:.4f} -> {summary['final_mean']:.4f} "
         f"({summary['gain_in_se']:+.1f} SE of the base model's seed spread), win rate vs base "
         f"{summary['final_win_rate']:.2f}; {time.perf_counter() - t0:.0f}s"
     )
-    print(f"[demo] outputs in {result.output_dir}: metrics.jsonl, grids/, reward_curve.png, tensorboard/")
+    print(
+        "[demo] the testbed oracle reads the held-out prompts' images (prompts no model of the world has seen): all "
+        f"four attributes right {base['eval/oracle/all/mean']:.1%} (base model) -> {final['eval/oracle/all/mean']:.1%}"
+        f" after {rounds} rounds"
+    )
+    print(
+        "[demo]   per attribute: "
+        + ", ".join(f"{a} {base[f'eval/oracle/{a}/mean']:.0%} -> {final[f'eval/oracle/{a}/mean']:.0%}" for a in ATTRS)
+    )
+    print(f"[demo] outputs in {result.output_dir}: grids/ (base beside each round), reward_curve.png, metrics.jsonl")
     return len(result.rows) == rounds + 1
 
 
@@ -78,6 +96,7 @@ def main() -> int:
     from deploy.scoring import score_files
     from deploy.tables import format_table
     from trainer.local_models.artifacts import build_local_artifacts
+    from trainer.local_models.scenes import render_prompt
 
     # 1. Example images.
     images = make_example_images(OUT / "images")
@@ -101,11 +120,12 @@ def main() -> int:
     fleet = start_fleet(LOCAL_PROFILE)
     elapsed = time.perf_counter() - t0
     print(f"[demo] fleet up on {fleet.grpc_target} in {elapsed:.1f}s: {', '.join(fleet.applications)}")
-    print("[demo] local profile: caption and semantic run tiny random-weight models (captions are random words),")
-    print("[demo] alignment was trained on the synthetic feedback testbed; cluster.yaml serves real checkpoints.")
+    print("[demo] local profile: alignment serves a reward trained on the testbed world's feedback; caption and")
+    print("[demo] semantic run tiny random-weight models (their captions and labels are noise); deploy/cluster.yaml")
+    print("[demo] serves the real checkpoints.")
     try:
         # 4. Score every example image with every reward application, over gRPC.
-        prompt = "a red disc in a blue sky"
+        prompt = render_prompt(PROMPT)
         pairs = [(p.name, p, prompt) for p in images]
         for application in fleet.applications:
             rows = score_files(pairs, fleet.grpc_target, application, progress=False)
@@ -116,9 +136,10 @@ def main() -> int:
             if len(rows) != len(images):
                 print("[demo] FAILED: not every image came back", file=sys.stderr)
                 return 1
-        # 5. A short fine-tuning run against the fleet: RAFT on jpeg_compressibility with the tiny pipeline.
-        print("\n[demo] fine-tuning the tiny Stable Diffusion pipeline (RAFT on jpeg_compressibility, 2 Ray Train")
-        print("[demo] workers, trainer/configs/local.yaml with 3 rounds; the full run is `rewardfleet train`)")
+        # 5. A short fine-tuning run against the fleet: RAFT on alignment with the world's text-to-image model.
+        print("\n[demo] fine-tuning the world's text-to-image model: RAFT on the alignment reward, caption and")
+        print("[demo] jpeg_compressibility monitored, 2 Ray Train workers (trainer/configs/local.yaml with 3 rounds;")
+        print("[demo] the full run is `rewardfleet train --with-fleet deploy/local.yaml`)")
         if not finetune(fleet.grpc_target):
             return 1
     finally:

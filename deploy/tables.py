@@ -38,18 +38,27 @@ def format_status(rows: list[dict]) -> str:
 
 
 def format_rounds(rows: list[dict], rewards: list[str]) -> str:
-    """One line per round: held-out mean +- SE and win rate vs the base model of each reward, and the wait share."""
+    """One line per round: held-out mean +- SE and win rate vs the base model of each reward, the testbed oracle's
+    all-attribute accuracy and the fidelity distance where the job measured them, and the wait share."""
+    testbed = [
+        (key, title)
+        for key, title in (("eval/oracle/all", "oracle all"), ("eval/fidelity", "fidelity"))
+        if rows and f"{key}/mean" in rows[0]
+    ]
     header = f"{'round':>5}  " + "  ".join(f"{name + ' (held-out)':>34}  {'win':>5}" for name in rewards)
+    header += "".join(f"  {title:>16}" for _, title in testbed)
     lines = [header + f"  {'loss':>7}  {'wait':>6}  {'round s':>7}"]
     for row in rows:
         cells = []
         for name in rewards:
             cell = f"{row[f'eval/{name}/mean']:.5g} +- {row[f'eval/{name}/se']:.2g}"
             cells.append(f"{cell:>34}  {row[f'eval/{name}/win_rate']:>5.2f}")
+        extra = "".join(f"  {row[f'{key}/mean']:>7.3f} +- {row[f'{key}/se']:<4.2f}" for key, _ in testbed)
         loss = "-" if row.get("final") else f"{row['loss']:.4f}"
         lines.append(
             f"{row['round']:>5}  "
             + "  ".join(cells)
+            + extra
             + f"  {loss:>7}  {100 * row['time/wait_fraction']:>5.1f}%  {row['time/round_s']:>7.1f}"
         )
     return "\n".join(lines)

@@ -18,13 +18,16 @@ def test_presets_load(preset):
 
 def test_local_and_cluster_presets():
     local = load_finetune_config(CONFIG_DIR / "local.yaml")
-    assert local.model.pretrained == "tiny" and not local.run.use_gpu
+    # The local preset fine-tunes the testbed world's model and reads its held-out images with the oracle.
+    assert local.model.pretrained.endswith("world/text_to_image") and not local.run.use_gpu
+    assert local.testbed.oracle and local.prompts.eval_file is not None
     cluster = load_finetune_config(CONFIG_DIR / "cluster.yaml")
     assert cluster.model.pretrained != "tiny" and cluster.run.use_gpu and cluster.optim.method == "lora"
 
 
 def test_overrides_and_unknown_keys():
-    config = load_finetune_config(None, ["run.rounds=7", "optim.lr=1e-3", "rewards.weights={caption: 1, semantic: 2}"])
+    weights = ["rewards.weights={caption: 1, semantic: 2}", "rewards.monitor=[]"]
+    config = load_finetune_config(None, ["run.rounds=7", "optim.lr=1e-3", *weights])
     assert config.run.rounds == 7 and config.optim.lr == 1e-3
     assert config.rewards.weights == {"caption": 1, "semantic": 2} and config.rewards.primary == "caption"
     with pytest.raises(ValueError, match=r"FinetuneConfig\.optim: unknown key\(s\) \['lrr'\]; valid keys: .*'lr'"):
@@ -34,7 +37,7 @@ def test_overrides_and_unknown_keys():
     with pytest.raises(ValueError, match="assemble fuses several rewards"):
         load_finetune_config(None, ["selection.strategy=assemble"])
     with pytest.raises(ValueError, match="beta > 0 needs optim.pretrain_data"):
-        load_finetune_config(None, ["optim.beta=0.5"])
+        load_finetune_config(None, ["optim.beta=0.5", "optim.pretrain_data=null"])
     with pytest.raises(ValueError, match="select_by"):
         load_finetune_config(None, ["rewards.select_by=caption"])
 
@@ -56,9 +59,11 @@ def test_precision_and_decode_fields():
 
 
 def test_monitored_rewards():
-    default = load_finetune_config(None)
+    default = FinetuneConfig()
     assert default.rewards.monitor == () and default.rewards.hacking_k == 2.0
     assert default.rewards.scored == ["jpeg_compressibility"]  # without a monitor, only the optimised rewards
+    # The local preset optimises alignment and monitors the world's other rewards.
+    assert load_finetune_config(None).rewards.scored == ["alignment", "caption", "jpeg_compressibility"]
     config = load_finetune_config(
         None,
         [
@@ -81,20 +86,26 @@ def test_monitored_rewards():
 def test_testbed_metrics_need_testbed_prompts(tmp_path):
     from trainer.finetune import check_inputs
 
-    default = load_finetune_config(None)
+    default = FinetuneConfig()
     assert default.testbed.oracle is False and default.testbed.fidelity_clip is None
     assert default.testbed.fidelity_renders == 16 and not default.testbed.enabled
     # Generated held-out prompts are the papers' ("two green dogs ..."): refused when the config loads.
+    generated = [
+        "prompts.train_file=null",
+        "prompts.eval_file=null",
+        "testbed.oracle=false",
+        "testbed.fidelity_clip=null",
+    ]
     for field in ("testbed.oracle=true", "testbed.fidelity_clip=/some/clip"):
         with pytest.raises(ValueError, match=rf"{field.split('=')[0]} needs testbed prompts .* set prompts.eval_file"):
-            load_finetune_config(None, [field])
+            load_finetune_config(None, [*generated, field])
     with pytest.raises(ValueError, match="testbed.fidelity_renders must be >= 1"):
         load_finetune_config(None, ["testbed.fidelity_renders=0"])
 
     # A prompt file's contents are checked when the job starts, before any worker: the first bad prompt is named.
     bad = tmp_path / "bad.txt"
     bad.write_text("three green balls in the city\none red cube on the beach\ntwo green dogs in the city\n")
-    config = load_finetune_config(None, ["testbed.oracle=true", f"prompts.eval_file={bad}"])
+    config = load_finetune_config(None, [*generated, "testbed.oracle=true", f"prompts.eval_file={bad}"])
     with pytest.raises(ValueError) as error:
         check_inputs(config)
     assert str(error.value) == (
@@ -104,10 +115,12 @@ def test_testbed_metrics_need_testbed_prompts(tmp_path):
     )
     good = tmp_path / "good.txt"
     good.write_text("three green balls in the city\none red cube on the beach\n")
-    check_inputs(load_finetune_config(None, ["testbed.oracle=true", f"prompts.eval_file={good}"]))
+    check_inputs(load_finetune_config(None, [*generated, "testbed.oracle=true", f"prompts.eval_file={good}"]))
 
     # fidelity_clip: `~` expanded when the config loads; a directory that does not exist fails at job start.
-    clip = load_finetune_config(None, [f"prompts.eval_file={good}", "testbed.fidelity_clip=~/no/such/clip"])
+    clip = load_finetune_config(
+        None, [*generated, f"prompts.eval_file={good}", "testbed.fidelity_clip=~/no/such/clip"]
+    )
     assert clip.testbed.fidelity_clip == str(Path("~/no/such/clip").expanduser()) and clip.testbed.enabled
     with pytest.raises(FileNotFoundError, match="testbed.fidelity_clip: local model path .* does not exist"):
         check_inputs(clip)

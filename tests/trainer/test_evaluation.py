@@ -162,7 +162,9 @@ def test_the_worker_scores_every_held_out_image_against_its_own_prompt(tmp_path,
     metrics = Worker._testbed_metrics(worker, held_out)
     assert metrics == oracle_metrics(list(held_out.reshape(-1, SIZE, SIZE, 3)), [p for p in prompts for _ in range(2)])
     assert metrics["eval/oracle/all/mean"] >= 5 / 6
-    off = load_finetune_config(None, [f"prompts.eval_file={tmp_path / 'eval.txt'}"])
+    off = load_finetune_config(
+        None, [f"prompts.eval_file={tmp_path / 'eval.txt'}", "testbed.oracle=false", "testbed.fidelity_clip=null"]
+    )
     assert Worker._testbed_metrics(SimpleNamespace(config=off), None) == {}
 
 

@@ -21,6 +21,7 @@ def tiny_job(fleet, tmp_path, name, *overrides):
         None,
         [
             f"rewards.target={fleet.grpc_target}",
+            "model.pretrained=tiny",
             "model.resolution=16",
             "sampling.steps=3",
             "sampling.samples_per_prompt=3",
@@ -33,6 +34,14 @@ def tiny_job(fleet, tmp_path, name, *overrides):
             "optim.batch_size=2",
             "run.num_workers=2",
             "run.rounds=2",
+            # The tiny pipeline's images are noise: generated prompts, no testbed metrics, the old preset's reward.
+            "prompts.train_file=null",
+            "prompts.eval_file=null",
+            "testbed.oracle=false",
+            "testbed.fidelity_clip=null",
+            "rewards.weights={jpeg_compressibility: 1.0}",
+            "rewards.monitor=[]",
+            "optim.lr=1e-3",
             f"run.output_dir={tmp_path / name}",
             f"run.name={name}",
             *overrides,
@@ -272,3 +281,42 @@ def test_eval_stats_and_win_rate():
     assert stats["mean"] == 3.0 and stats["max"] == 5.0
     assert stats["se"] == pytest.approx(1.0 / np.sqrt(3))
     assert win_rate(np.array([1.0, 2.0, 3.0]), np.array([0.0, 2.0, 4.0])) == pytest.approx(0.5)
+
+
+def test_one_round_on_the_testbed_world_with_a_served_reward(fleet, local_artifacts, tmp_path):
+    """The local preset's world: its trained text-to-image model (loaded like SD 1.5), its prompt files, the served
+    alignment reward, the oracle and fidelity every round. Sized down: 4 training prompts x K = 3, 4 held-out."""
+    world = {k.removeprefix("world/"): v for k, v in local_artifacts.items() if k.startswith("world/")}
+    train = tmp_path / "train.txt"
+    train.write_text("\n".join(world["train_prompts"].read_text().splitlines()[:4]) + "\n")
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("\n".join(world["heldout_prompts"].read_text().splitlines()[:4]) + "\n")
+    config = load_finetune_config(
+        None,
+        [
+            f"rewards.target={fleet.grpc_target}",
+            "rewards.monitor=[jpeg_compressibility]",
+            f"model.pretrained={world['text_to_image']}",
+            "sampling.steps=4",
+            "sampling.samples_per_prompt=3",
+            f"prompts.train_file={train}",
+            f"prompts.eval_file={heldout}",
+            f"testbed.fidelity_clip={local_artifacts['tiny/clip']}",
+            "testbed.fidelity_renders=4",
+            "optim.epochs_per_round=1",
+            "run.rounds=1",
+            f"run.output_dir={tmp_path / 'world'}",
+            "run.name=world",
+        ],
+    )
+    assert config.rewards.primary == "alignment" and config.testbed.oracle
+    rows = run_finetune(config).rows
+    check_rows(rows, 1, ["alignment", "jpeg_compressibility"])
+    for row in rows:
+        # 4 held-out prompts x 2 seeds: accuracies are multiples of 1/8.
+        for attr in ("all", "count", "color", "object", "background"):
+            assert (8 * row[f"eval/oracle/{attr}/mean"]) == pytest.approx(round(8 * row[f"eval/oracle/{attr}/mean"]))
+        assert 0.0 <= row["eval/fidelity/mean"] <= 2.0
+    # The trained model draws the world: the oracle reads most held-out backgrounds (random weights read none).
+    assert rows[0]["eval/oracle/background/mean"] >= 0.5
+    assert rows[0]["selected"] == 4  # one winner per training prompt

@@ -41,7 +41,8 @@ def saved_sd(tmp_path_factory):
 
 def job_config(*overrides):
     """The job's config as `rewardfleet train --set ...` builds it (the local preset with overrides)."""
-    return load_finetune_config(None, ["model.resolution=16", "optim.method=lora", *overrides])
+    tiny = ["model.pretrained=tiny", "model.resolution=16", "optim.method=lora"]
+    return load_finetune_config(None, [*tiny, *overrides])
 
 
 def perturb_lora_b(setup, seed=1):
