@@ -120,9 +120,8 @@ def main() -> int:
     fleet = start_fleet(LOCAL_PROFILE)
     elapsed = time.perf_counter() - t0
     print(f"[demo] fleet up on {fleet.grpc_target} in {elapsed:.1f}s: {', '.join(fleet.applications)}")
-    print("[demo] local profile: alignment serves a reward trained on the testbed world's feedback; caption and")
-    print("[demo] semantic run tiny random-weight models (their captions and labels are noise); deploy/cluster.yaml")
-    print("[demo] serves the real checkpoints.")
+    print("[demo] local profile: alignment and caption serve models trained on the testbed world (semantic's are")
+    print("[demo] still random); deploy/cluster.yaml serves the real checkpoints.")
     try:
         # 4. Score every example image with every reward application, over gRPC.
         prompt = render_prompt(PROMPT)

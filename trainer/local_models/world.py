@@ -1,13 +1,13 @@
 """The testbed world's trained models, shipped with the package, and the files the fine-tuning job reads about it.
 
-Training the world's text-to-image model takes longer than a first build should (41 minutes on one core), so its
-weights ship in `trainer/local_models/weights/` (float16, a few MB), with `recipe.json`: the
+Training the world's text-to-image model and captioner takes longer than a first build should (41 and 10 minutes
+on one core), so their weights ship in `trainer/local_models/weights/` (float16, a few MB), with `recipe.json`: the
 WORLD_VERSION and the configs they were trained with. `recipe()` is the current code's recipe; a test checks that the
 shipped weights were made by it, so a change to a recipe without retraining fails CI. Retrain with one command:
 
     python -m trainer.local_models.world
 
-`install_world` (part of `rewardfleet build-local`) copies it into ~/.cache/rewardfleet/world, where the local
+`install_world` (part of `rewardfleet build-local`) copies them into ~/.cache/rewardfleet/world, where the local
 profile points, and writes the job's inputs next to them: the training and held-out prompt files (the "train" and
 "heldout" splits of `split_prompts`: held-out prompts are unseen by every model of the world) and rendered
 pre-training pairs of the training prompts (the beta term of Lee et al.'s loss).
@@ -31,7 +31,7 @@ from trainer.local_models.scenes import render_image, render_prompt, split_promp
 WORLD_VERSION = 1
 SHIPPED = Path(__file__).parent / "weights"
 WORLD_ROOT = "~/.cache/rewardfleet/world"
-MODELS = ("text_to_image",)
+MODELS = ("text_to_image", "captioner")
 RECIPE_FILE = "recipe.json"
 # Fine-tuning prompts: this many of the "train" split (every round samples K images of each, so all 224 would make a
 # round take minutes on 2 cores). Pre-training pairs: renders of every "train" prompt, this many each.
@@ -44,6 +44,7 @@ STREAM_PRETRAIN = 7
 
 def recipe() -> dict:
     """What the shipped weights must have been trained with: WORLD_VERSION and each model's config."""
+    from trainer.local_models.captioner import CaptionerConfig
     from trainer.local_models.testbed import TestbedConfig
     from trainer.local_models.text_to_image import TextToImageConfig
 
@@ -52,6 +53,7 @@ def recipe() -> dict:
         "version": WORLD_VERSION,
         "testbed": to_dict(TestbedConfig()),
         "text_to_image": to_dict(TextToImageConfig()),
+        "captioner": to_dict(CaptionerConfig()),
     }
 
 
@@ -79,6 +81,7 @@ def train_world(out: Path = SHIPPED, progress: bool = True) -> dict:
 
     The stand-in CLIP is built afresh in a temporary directory, as `testbed.build_testbed` does for the local profile.
     """
+    from trainer.local_models.captioner import CaptionerConfig, train_captioner
     from trainer.local_models.testbed import TestbedConfig, pretrain_clip
     from trainer.local_models.text_to_image import TextToImageConfig, train_text_to_image
 
@@ -88,6 +91,7 @@ def train_world(out: Path = SHIPPED, progress: bool = True) -> dict:
         testbed = TestbedConfig()
         clip = pretrain_clip(split_prompts(testbed.seed)["clip"], testbed, staging / "clip", progress)
         train_text_to_image(staging / "text_to_image", clip, TextToImageConfig(), progress)
+        train_captioner(staging / "captioner", CaptionerConfig(), progress)
         shutil.rmtree(staging / "clip")
         (staging / RECIPE_FILE).write_text(json.dumps(recipe(), indent=2) + "\n")
         if out.exists():
