@@ -114,21 +114,35 @@ def train_step(setup: TrainingSetup, model, batch: DenoisingBatch, weights, opti
     return loss.item()
 
 
-def encode_pretrain_pairs(setup: TrainingSetup, path: str, resolution: int, seed: int):
-    """VAE latents (N, C, h, w) of the pre-training pairs at `path` (one posterior sample, seeded), and their prompts.
+def encode_images(pipe, images, batch_size: int):
+    """(N, C, h, w) fp32 VAE latents of uint8 images (N, H, W, 3), scaled as the UNet sees them: the posterior mean.
+
+    The fine-tuning data are images, as in both papers (Lee et al. fine-tune on generated images, RAFT on its
+    selected ones), so the job trains on the latents of the images the rewards scored, not on the sampler's final
+    latents: those drift off the encoder's distribution under guidance and few sampling steps, and fine-tuning on
+    them feeds the drift back. The mean, not a posterior sample: a diffusion model is trained on the latents its
+    VAE encodes to, and a sample adds the posterior's noise to every training target.
+    """
+    import numpy as np
+    import torch
+
+    vae = pipe.vae
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            chunk = np.asarray(images[start : start + batch_size])
+            pixels = torch.from_numpy(chunk).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (n, 3, H, W) in [-1, 1]
+            posterior = vae.encode(pixels.to(pipe.device, vae.dtype)).latent_dist
+            out.append((posterior.mean * vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+def encode_pretrain_pairs(setup: TrainingSetup, path: str, resolution: int, batch_size: int):
+    """VAE latents (N, C, h, w) of the pre-training pairs at `path`, and their prompts.
 
     Encoded once per job: the pairs are the beta term's data (Lee et al.), and the VAE is frozen.
     """
-    import torch
-
     from trainer.pretrain_data import load_pretrain_pairs
 
     images, prompts = load_pretrain_pairs(path, resolution)
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (N, 3, H, W) in [-1, 1]
-    vae = setup.pipe.vae
-    with torch.no_grad():
-        posterior = vae.encode(pixels.to(setup.pipe.device, vae.dtype)).latent_dist
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        noise = torch.randn(posterior.mean.shape, generator=generator).to(posterior.mean)
-        latents = (posterior.mean + posterior.std * noise) * vae.config.scaling_factor
-    return latents.float().cpu(), prompts
+    return encode_images(setup.pipe, images, batch_size), prompts

@@ -38,7 +38,14 @@ from trainer.metrics import (
     save_eval_grid,
 )
 from trainer.prompts import resolve_prompts
-from trainer.training import DenoisingBatch, encode_pretrain_pairs, encode_prompts, setup_training, train_step
+from trainer.training import (
+    DenoisingBatch,
+    encode_images,
+    encode_pretrain_pairs,
+    encode_prompts,
+    setup_training,
+    train_step,
+)
 
 FAULT_MARKER = ".fault_injected"
 # Rank 0's copy of the base model's (round 0) held-out images shown in the grids: (prompts, seeds, H, W, 3) uint8.
@@ -135,7 +142,9 @@ class Worker:
         # DDP wrapper for training; sampling goes through self.pipe.unet, the same parameters.
         self.unet = ray.train.torch.prepare_model(self.pipe.unet) if self.world > 1 else self.pipe.unet
         self.pretrain_latents, self.pretrain_prompts = (
-            encode_pretrain_pairs(self.setup, optim.pretrain_data, config.model.resolution, run.seed)
+            encode_pretrain_pairs(
+                self.setup, optim.pretrain_data, config.model.resolution, config.sampling.decode_batch_size
+            )
             if optim.beta > 0
             else (None, None)
         )
@@ -327,7 +336,7 @@ class Worker:
             out["sample_s"] += time.perf_counter() - t0
             self.scorer.submit(samples.images, prompts, [f"r{rnd}-{kind}{i}-{j}" for j in range(len(prompts))])
             if kind == "train":
-                out["latents"].append(samples.latents)
+                out["latents"].append(encode_images(self.pipe, samples.images, sampling.decode_batch_size))
             else:
                 out["eval_images"].append(samples.images)
         return out

@@ -69,6 +69,39 @@ def test_the_text_to_image_model_draws_recognisable_scenes_but_misses_attributes
     assert np.isfinite(samples.latents.numpy()).all()
 
 
+def test_the_job_encodes_training_images_as_the_world_model_was_trained(installed):
+    """The job's latents of the pre-training pairs (and of scored samples: `encode_images`) are the VAE posterior's
+    mean, the latents the world's UNet trained on: its denoising loss on them is near the recipe's final loss. A
+    posterior sample adds the posterior's noise to every target (measured: 0.21 vs 0.07)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from trainer.config import ModelConfig
+    from trainer.losses import denoising_loss_per_sample
+    from trainer.pretrain_data import load_pretrain_pairs
+    from trainer.sampling import load_pipeline
+    from trainer.training import encode_images, encode_prompts
+
+    pipe = load_pipeline(ModelConfig(pretrained=str(installed["text_to_image"]), resolution=32, dtype="float32"))
+    images, prompts = load_pretrain_pairs(installed["pretrain"], 32)
+    images, prompts = images[:64], prompts[:64]
+    latents = encode_images(pipe, images, batch_size=16)  # (64, 4, 16, 16)
+    # Batch-independent: an image's latents do not depend on what else is encoded with it.
+    torch.testing.assert_close(encode_images(pipe, images[:3], batch_size=64), latents[:3], atol=1e-4, rtol=0)
+    cond = encode_prompts(pipe, prompts, {})
+    with torch.no_grad():
+        posterior = pipe.vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist
+        sampled = posterior.sample(torch.Generator().manual_seed(0)) * pipe.vae.config.scaling_factor
+        generator = torch.Generator().manual_seed(1)
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (len(latents),), generator=generator)
+        schedule = DDPMScheduler.from_config(pipe.scheduler.config)
+        loss = denoising_loss_per_sample(pipe.unet, schedule, latents, cond, noise, t).mean().item()
+        sampled_loss = denoising_loss_per_sample(pipe.unet, schedule, sampled, cond, noise, t).mean().item()
+    recipe_loss = json.loads((installed["text_to_image"] / "t2i_metrics.json").read_text())["unet_loss"]
+    assert loss <= 1.5 * recipe_loss + 0.02 and sampled_loss > 2 * loss, (loss, sampled_loss, recipe_loss)
+
+
 def test_the_captioner_tells_a_matching_prompt_from_a_one_attribute_change(installed):
     """Loaded by the caption reward (Blip2 `from_pretrained`, MiniLM similarity) as the local profile serves it: on
     held-out renders, clean and degraded, the matching prompt outscores a one-attribute change (measured 0.996 on
