@@ -24,11 +24,11 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/python -m deploy.demo
 
-# Lint, build the local profile's models (once, into ~/.cache/rewardfleet), then the whole suite (real local Ray
-# cluster, Serve and gRPC on 127.0.0.1; no network, no GPU).
+# Lint, then the whole suite (real local Ray cluster, Serve and gRPC on 127.0.0.1; no network, no GPU). The suite
+# builds the local models it serves (~/.cache/rewardfleet, once) but not the profile's testbed alignment reward, which
+# takes minutes: the test fleet serves one trained on a tiny testbed (tests/conftest.py).
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/rewardfleet build-local --no-progress
 	$(BIN)/python -m pytest -q
 
 lint: venv

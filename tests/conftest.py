@@ -145,8 +145,8 @@ def tiny_alignment_reward(tiny_testbed, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def local_artifacts() -> dict:
-    """The local profile's models under ~/.cache/rewardfleet (`rewardfleet build-local`, which `make test` runs
-    first), so plain `pytest` works too. Not its testbed alignment reward: the test fleet serves one trained on a tiny
+    """The local profile's models under ~/.cache/rewardfleet, as `rewardfleet build-local` builds them (once, then
+    cached). Not its testbed alignment reward, which takes minutes: the test fleet serves one trained on a tiny
     testbed instead (`tiny_alignment_reward`)."""
     from trainer.local_models.artifacts import build_local_artifacts
 
