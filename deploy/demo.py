@@ -28,6 +28,8 @@ OUT = Path("demo_out")
 PROMPT = {"count": 2, "color": "red", "object": "ball", "background": "beach"}
 CHANGES = {"count": 3, "color": "blue", "background": "snow"}
 ATTRS = ("count", "color", "object", "background")
+# The standard image rewards of the local profile (tiny random models): shown together in one table.
+STANDARD_REWARDS = ("clip_score", "aesthetic", "pickscore", "hpsv2", "image_reward")
 
 
 def make_example_images(folder: Path, seed: int = 0) -> list[Path]:
@@ -94,7 +96,7 @@ def main() -> int:
 
     from deploy.fleet import LOCAL_PROFILE, start_fleet
     from deploy.scoring import score_files
-    from deploy.tables import format_table
+    from deploy.tables import format_score_grid, format_table
     from trainer.local_models.artifacts import build_local_artifacts
     from trainer.local_models.scenes import render_prompt
 
@@ -120,21 +122,30 @@ def main() -> int:
     fleet = start_fleet(LOCAL_PROFILE)
     elapsed = time.perf_counter() - t0
     print(f"[demo] fleet up on {fleet.grpc_target} in {elapsed:.1f}s: {', '.join(fleet.applications)}")
-    print("[demo] local profile: alignment and caption serve models trained on the testbed world (semantic's are")
-    print("[demo] still random); deploy/cluster.yaml serves the real checkpoints.")
+    print("[demo] local profile: alignment and caption serve models trained on the testbed world (semantic's and")
+    print("[demo] the standard rewards' are random); deploy/cluster.yaml serves the real checkpoints.")
     try:
-        # 4. Score every example image with every reward application, over gRPC.
+        # 4. Score every example image with every reward application, over gRPC: the papers' rewards one table
+        # each, the standard rewards (tiny random models) side by side in one.
         prompt = render_prompt(PROMPT)
         pairs = [(p.name, p, prompt) for p in images]
+        standard = {}
         for application in fleet.applications:
             rows = score_files(pairs, fleet.grpc_target, application, progress=False)
+            if len(rows) != len(images):
+                print(f"[demo] FAILED: not every image came back from {application}", file=sys.stderr)
+                return 1
+            if application in STANDARD_REWARDS:
+                standard[application] = rows
+                continue
             print(f"\n[demo] {application} (prompt: {prompt!r})")
             print(format_table(rows))
             scored = [r for r in rows if r["reward"] is not None]
             print(f"[demo] {len(scored)} scored, {len(rows) - len(scored)} with a per-sample error")
-            if len(rows) != len(images):
-                print("[demo] FAILED: not every image came back", file=sys.stderr)
-                return 1
+        if standard:
+            print(f"\n[demo] the standard rewards (prompt: {prompt!r}) on tiny random models in each release's own")
+            print("[demo] file format: the scores mean nothing here, the loading and serving paths are the cluster's")
+            print(format_score_grid(standard))
         # 5. A short fine-tuning run against the fleet: RAFT on alignment with the world's text-to-image model.
         print("\n[demo] fine-tuning the world's text-to-image model: RAFT on the alignment reward, caption and")
         print("[demo] jpeg_compressibility monitored, 2 Ray Train workers (trainer/configs/local.yaml with 3 rounds;")

@@ -23,6 +23,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def format_score_grid(columns: dict[str, list[dict]]) -> str:
+    """One row per image, one column per application: `{application: score_files rows}` (the same images in the
+    same order in every column). A sample that failed shows its error code."""
+    names = list(columns)
+    ids = [r["id"] for r in columns[names[0]]]
+    cells = [
+        [r["error"].split(":")[0] if r["error"] else f"{r['reward']:.4g}" for r in columns[name]] for name in names
+    ]
+    widths = [max(len("id"), *map(len, ids))] + [max(len(n), *map(len, c)) for n, c in zip(names, cells, strict=True)]
+    out = [
+        "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(["id", *names], widths, strict=True)))
+    ]
+    for row, sample_id in enumerate(ids):
+        values = [sample_id.ljust(widths[0])] + [c[row].rjust(w) for c, w in zip(cells, widths[1:], strict=True)]
+        out.append("  ".join(values))
+    return "\n".join(out)
+
+
 def format_status(rows: list[dict]) -> str:
     """One line per application of `fleet_status`: status, replicas (running/target), health, fingerprint."""
     header = ("application", "status", "replicas", "health", "fingerprint")

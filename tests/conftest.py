@@ -74,7 +74,9 @@ def test_serve_config(alignment_dir: str | None = None) -> dict:
     base = next(a for a in config["applications"] if a["name"] == "jpeg_compressibility")
     for app in config["applications"]:
         for dep in app.get("deployments", []):
-            dep.setdefault("ray_actor_options", {})["num_cpus"] = 0.5
+            options = dep.setdefault("ray_actor_options", {})
+            if options.get("num_cpus", 1.0) >= 0.1:  # the standard rewards' tiny replicas keep their 0.02
+                options["num_cpus"] = 0.5
 
     limited = copy.deepcopy(base)
     limited.update(name="jpeg_limited", route_prefix="/jpeg_limited")

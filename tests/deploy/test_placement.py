@@ -27,6 +27,7 @@ def test_local_profile_and_the_local_fine_tuning_job_fit_a_2_core_laptop():
         "caption/reward",
         "semantic/reward",
         "alignment/reward",
+        *(f"{name}/reward" for name in ("clip_score", "aesthetic", "pickscore", "hpsv2", "image_reward")),
         "assemble/assemble",
     }
     check_placement(demands, LAPTOP, "the local profile")
