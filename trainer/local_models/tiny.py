@@ -272,7 +272,6 @@ def save_tiny_models(root: str | Path = TINY_ROOT, seed: int = 0, force: bool = 
     return paths
 
 
-
 def save_tiny_pickscore(path: str | Path, seed: int = 0) -> Path:
     """Writes a tiny PickScore release into the directory `path` (returned), laid out as the two hub repos it comes
     from: `model/` (a CLIPModel, as yuvalkirstain/PickScore_v1) and `processor/` (its CLIP processor, as
@@ -289,6 +288,7 @@ def save_tiny_pickscore(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path / "model")
     processor.save_pretrained(path / "processor")
     return path
+
 
 # --- Reward releases in their own file formats -------------------------------------------------------------------
 # HPS v2.1 and the LAION aesthetic head ship as torch files in the layout of the code that trained them (open_clip, a
