@@ -23,7 +23,7 @@ from typing import Annotated
 
 import typer
 
-from deploy.fleet import LOCAL_PROFILE
+from deploy.fleet import LOCAL_PROFILE, SCALED_TO_ZERO
 from deploy.scoring import read_pairs, score_files
 from deploy.tables import format_options, format_rounds, format_status, format_table
 
@@ -175,7 +175,9 @@ def status(
     if not rows:
         typer.echo("no Serve applications are deployed", err=True)
         raise typer.Exit(1)
-    unhealthy = [r["application"] for r in rows if r["status"] != "RUNNING" or r["health"] != "ok"]
+    unhealthy = [
+        r["application"] for r in rows if r["status"] != "RUNNING" or r["health"] not in ("ok", SCALED_TO_ZERO)
+    ]
     if unhealthy:
         typer.echo(f"not healthy: {', '.join(unhealthy)}", err=True)
         raise typer.Exit(1)

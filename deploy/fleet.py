@@ -143,8 +143,21 @@ def start_fleet(
     apps = tuple(app.name for app in schema.applications)
     _wait_until_running(apps, timeout_s)
     target = f"127.0.0.1:{schema.grpc_options.port}"
-    wait_until_ready(target, apps, timeout_s=timeout_s)
+    # An application that scales from zero has no replica to answer yet; its first request starts one. Asking it
+    # here would start them all.
+    wait_until_ready(target, [a for a in apps if a not in scaled_to_zero(config)], timeout_s=timeout_s)
     return Fleet(grpc_target=target, applications=apps)
+
+
+def scaled_to_zero(config: dict[str, Any]) -> set[str]:
+    """The applications of a Serve config (dict form) that start with no replica (autoscaling from zero)."""
+    from deploy.placement import replicas_at_start
+
+    return {
+        app["name"]
+        for app in config.get("applications", [])
+        if app.get("deployments") and all(replicas_at_start(d) == 0 for d in app["deployments"])
+    }
 
 
 def stop_fleet(shutdown_ray: bool = True) -> None:
@@ -163,9 +176,14 @@ def stop_fleet(shutdown_ray: bool = True) -> None:
         serve.shutdown()
 
 
+# `fleet_status`'s health of an application autoscaled to zero replicas (healthy: its next request starts one).
+SCALED_TO_ZERO = "scaled to zero"
+
+
 def fleet_status(target: str | None, token: str | None, timeout_s: float) -> list[dict]:
     """One row per Serve application of the connected cluster: Serve's status and replica counts, and a Describe
-    round trip over gRPC (the replica answered, through the proxy) with the provenance it reports.
+    round trip over gRPC (the replica answered, through the proxy) with the provenance it reports. An application
+    autoscaled to zero replicas gets no round trip (it would start one) and the health `SCALED_TO_ZERO`.
 
     `target`: host:port of the gRPC proxy; None asks Serve for its gRPC port on 127.0.0.1.
     Raises RuntimeError when Serve is not running on the cluster.
@@ -200,6 +218,11 @@ def fleet_status(target: str | None, token: str | None, timeout_s: float) -> lis
         ]
         row = {"application": name, "status": application.status.value, "message": application.message}
         row["deployments"] = deployments
+        if deployments and all(d["target"] == 0 for d in deployments):
+            # Autoscaled to zero: a round trip would start a replica, so report it without one.
+            row["health"] = SCALED_TO_ZERO
+            rows.append(row)
+            continue
         try:
             with RewardClient(target, name, token=token, timeout_s=timeout_s, max_retries=0) as reward_client:
                 info = reward_client.describe()

@@ -34,7 +34,7 @@ class PlacementError(RuntimeError):
     """The cluster's nodes cannot hold what the config asks for."""
 
 
-def _replicas_at_start(deployment: dict[str, Any]) -> int:
+def replicas_at_start(deployment: dict[str, Any]) -> int:
     """How many replicas Serve starts a deployment with."""
     autoscaling = deployment.get("autoscaling_config")
     num_replicas = deployment.get("num_replicas")
@@ -71,7 +71,7 @@ def serve_demands(config: dict[str, Any]) -> list[Demand]:
     demands = []
     for app in config.get("applications", []):
         for deployment in app.get("deployments", []) or []:
-            count = _replicas_at_start(deployment)
+            count = replicas_at_start(deployment)
             if count > 0:
                 demands.append(Demand(f"{app['name']}/{deployment['name']}", count, _replica_resources(deployment)))
     return demands

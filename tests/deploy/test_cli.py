@@ -265,6 +265,13 @@ def test_status_lists_every_application_with_replicas_and_a_describe_round_trip(
     line = next(x for x in table.stdout.splitlines() if x.startswith("jpeg_limited "))
     assert line.split()[:5] == ["jpeg_limited", "RUNNING", "reward", "1/1", "ok"]
     assert jpeg["provenance"]["fingerprint"][:12] in line
+    # The standard rewards scale from zero: with no replica, no round trip (it would start one), and healthy.
+    for name in ("clip_score", "aesthetic", "pickscore", "hpsv2", "image_reward"):
+        (deployment,) = rows[name]["deployments"]
+        if deployment["target"] == 0:
+            assert rows[name]["health"] == "scaled to zero" and "provenance" not in rows[name], rows[name]
+        else:  # an earlier test scored it (its replica stays for 10 idle minutes)
+            assert rows[name]["health"] == "ok", rows[name]
 
 
 @pytest.mark.integration

@@ -21,17 +21,26 @@ def _local_train_workers() -> Demand:
 
 
 def test_local_profile_and_the_local_fine_tuning_job_fit_a_2_core_laptop():
-    demands = serve_demands(load_serve_config(LOCAL_PROFILE))
+    config = load_serve_config(LOCAL_PROFILE)
+    demands = serve_demands(config)
+    # The standard rewards scale from zero: no replica at start.
     assert {d.owner for d in demands} == {
         "jpeg_compressibility/reward",
         "caption/reward",
         "semantic/reward",
         "alignment/reward",
-        *(f"{name}/reward" for name in ("clip_score", "aesthetic", "pickscore", "hpsv2", "image_reward")),
         "assemble/assemble",
     }
     check_placement(demands, LAPTOP, "the local profile")
     check_placement([*demands, _local_train_workers()], LAPTOP, "the local profile and job")
+    # With each of them scaled up to its one replica, the profile and the job still fit.
+    for app in config["applications"]:
+        for deployment in app["deployments"]:
+            if deployment.get("autoscaling_config", {}).get("min_replicas") == 0:
+                deployment["autoscaling_config"]["initial_replicas"] = deployment["autoscaling_config"]["max_replicas"]
+    scaled_up = serve_demands(config)
+    assert len(scaled_up) == len(demands) + 5
+    check_placement([*scaled_up, _local_train_workers()], LAPTOP, "the local profile, scaled up, and job")
     # One worker more and it no longer fits: the check is tight, not vacuous.
     extra = Demand("one more worker", 1, {"CPU": _local_train_workers().resources["CPU"]})
     assert pack([*demands, _local_train_workers(), extra], LAPTOP)

@@ -38,7 +38,8 @@ def test_served_equals_in_process_and_does_not_depend_on_the_batch(fleet, name):
     expected = [o.reward for o in local.score(batch, prompts)]
     assert len(set(np.round(expected, 6))) > 2, expected  # scores depend on the image and prompt
 
-    client = RewardClient(fleet.grpc_target, name)
+    # The profile scales these rewards from zero: the first request waits for a replica to start.
+    client = RewardClient(fleet.grpc_target, name, timeout_s=240)
     served = client.score(batch, prompts)
     assert all(r.ok for r in served), [r.error_message for r in served]
     np.testing.assert_allclose([r.reward for r in served], expected, rtol=RTOL, atol=ATOL)
