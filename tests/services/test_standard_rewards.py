@@ -30,16 +30,29 @@ def images(seed: int, n: int) -> list[np.ndarray]:
     return [rng.integers(0, 256, (32 + 8 * (i % 3), 40, 3), dtype=np.uint8) for i in range(n)]
 
 
+@pytest.fixture(scope="module")
+def started(fleet):
+    """The fleet with the five replicas started: the profile scales them from zero, and each application's first
+    request starts its replica. All five at once, so their start-ups overlap."""
+
+    def first_request(name):
+        (result,) = RewardClient(fleet.grpc_target, name, timeout_s=240).score(images(1, 1), PROMPTS[:1])
+        return result.ok
+
+    with ThreadPoolExecutor(len(STANDARD)) as pool:
+        assert all(pool.map(first_request, STANDARD))
+    return fleet
+
+
 @pytest.mark.parametrize("name", STANDARD)
-def test_served_equals_in_process_and_does_not_depend_on_the_batch(fleet, name):
+def test_served_equals_in_process_and_does_not_depend_on_the_batch(started, name):
     local = build_reward(name, reward_config(name))
     local.load("cpu")
     batch, prompts = images(0, 6), [PROMPTS[i % 3] for i in range(6)]
     expected = [o.reward for o in local.score(batch, prompts)]
     assert len(set(np.round(expected, 6))) > 2, expected  # scores depend on the image and prompt
 
-    # The profile scales these rewards from zero: the first request waits for a replica to start.
-    client = RewardClient(fleet.grpc_target, name, timeout_s=240)
+    client = RewardClient(started.grpc_target, name)
     served = client.score(batch, prompts)
     assert all(r.ok for r in served), [r.error_message for r in served]
     np.testing.assert_allclose([r.reward for r in served], expected, rtol=RTOL, atol=ATOL)
@@ -56,8 +69,8 @@ def test_served_equals_in_process_and_does_not_depend_on_the_batch(fleet, name):
 
 
 @pytest.mark.parametrize("name", STANDARD)
-def test_describe_names_the_models_and_range(fleet, name):
-    info = RewardClient(fleet.grpc_target, name).describe()
+def test_describe_names_the_models_and_range(started, name):
+    info = RewardClient(started.grpc_target, name).describe()
     assert info.name == name and info.description
     assert info.min_reward < info.max_reward
     # Every reward names the models it loaded, from the profile's paths (the provenance fingerprint covers them).
