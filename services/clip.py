@@ -46,3 +46,19 @@ def clip_embeddings(clip, processor, images: Sequence[np.ndarray] | None, texts:
                 )
             )
     return image_emb, text_emb
+
+
+def clip_cosines(clip, processor, images: Sequence[np.ndarray], prompts: Sequence[str], device: str, batch_size: int):
+    """The cosine of each image's and its own prompt's CLIP embeddings: a float32 (N,) tensor on CPU.
+
+    Chunks of `batch_size` images, each prompt embedded once per chunk; a sample's cosine does not depend on the
+    other samples (up to the last bits of other batch shapes' kernels)."""
+    import torch
+
+    cosines = []
+    for start in range(0, len(images), batch_size):
+        chunk, texts = images[start : start + batch_size], prompts[start : start + batch_size]
+        unique = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+        image_emb, text_emb = clip_embeddings(clip, processor, chunk, list(unique), device)
+        cosines.append((image_emb * text_emb[[unique[t] for t in texts]]).sum(-1))  # (B,)
+    return torch.cat(cosines) if cosines else torch.zeros(0)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field
 
-from services.clip import clip_embeddings, load_clip
+from services.clip import clip_cosines, load_clip
 from services.config import Config
 from services.registry import register
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
@@ -54,16 +54,10 @@ class ClipScore(Reward):
         self.clip = self.clip.to(device).eval()
 
     def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[RewardOutput]:
-        outputs = []
-        size = self.config.batch_size
-        for start in range(0, len(images), size):
-            chunk, texts = images[start : start + size], prompts[start : start + size]
-            unique = list(dict.fromkeys(texts))
-            image_emb, text_emb = clip_embeddings(self.clip, self.processor, chunk, unique, self.device)
-            cosine = (image_emb * text_emb[[unique.index(t) for t in texts]]).sum(-1)  # (B,)
-            for c in cosine.tolist():
-                outputs.append(RewardOutput(reward=self.config.scale * max(c, 0.0), components={"cosine": c}))
-        return outputs
+        cosines = clip_cosines(self.clip, self.processor, images, prompts, self.device, self.config.batch_size)
+        return [
+            RewardOutput(reward=self.config.scale * max(c, 0.0), components={"cosine": c}) for c in cosines.tolist()
+        ]
 
     def info(self) -> RewardInfo:
         return RewardInfo(

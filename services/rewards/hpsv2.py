@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from services.clip import clip_embeddings
+from services.clip import clip_cosines
 from services.config import Config
 from services.models import load_pretrained
 from services.registry import register
@@ -149,15 +149,8 @@ class Hpsv2(Reward):
         return model, processor
 
     def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[RewardOutput]:
-        outputs = []
-        size = self.config.batch_size
-        for start in range(0, len(images), size):
-            chunk, texts = images[start : start + size], prompts[start : start + size]
-            unique = {text: i for i, text in enumerate(dict.fromkeys(texts))}
-            image_emb, text_emb = clip_embeddings(self.clip, self.processor, chunk, list(unique), self.device)
-            cosine = (image_emb * text_emb[[unique[t] for t in texts]]).sum(-1)  # (B,)
-            outputs += [RewardOutput(reward=c, components={"cosine": c}) for c in cosine.tolist()]
-        return outputs
+        cosines = clip_cosines(self.clip, self.processor, images, prompts, self.device, self.config.batch_size)
+        return [RewardOutput(reward=c, components={"cosine": c}) for c in cosines.tolist()]
 
     def info(self) -> RewardInfo:
         return RewardInfo(

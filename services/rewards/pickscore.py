@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field
 
-from services.clip import clip_embeddings
+from services.clip import clip_cosines
 from services.config import Config
 from services.models import load_pretrained
 from services.registry import register
@@ -63,20 +63,11 @@ class PickScore(Reward):
         self.logit_scale = float(self.model.logit_scale.detach().exp().cpu())
 
     def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[RewardOutput]:
-        outputs = []
-        size = self.config.batch_size
-        for start in range(0, len(images), size):
-            chunk, texts = images[start : start + size], prompts[start : start + size]
-            unique = list(dict.fromkeys(texts))
-            image_emb, text_emb = clip_embeddings(self.model, self.processor, chunk, unique, self.device)
-            cosine = (image_emb * text_emb[[unique.index(t) for t in texts]]).sum(-1)  # (B,)
-            for c in cosine.tolist():
-                outputs.append(
-                    RewardOutput(
-                        reward=self.logit_scale * c, components={"cosine": c, "logit_scale": self.logit_scale}
-                    )
-                )
-        return outputs
+        cosines = clip_cosines(self.model, self.processor, images, prompts, self.device, self.config.batch_size)
+        return [
+            RewardOutput(reward=self.logit_scale * c, components={"cosine": c, "logit_scale": self.logit_scale})
+            for c in cosines.tolist()
+        ]
 
     def info(self) -> RewardInfo:
         scale = getattr(self, "logit_scale", 100.0)  # the release's (and CLIP's usual) value before `load`
