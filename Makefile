@@ -16,9 +16,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# --no-compile: Python compiles the modules it imports on first use; precompiling all of torch, ray and
-	# transformers at install costs minutes of a CI run on 2 cores.
-	$(BIN)/python -m pip install --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev]'
 	touch $@
 
 # Build the local profile's models (once), start the local fleet (embedded CPU profile), score example images over
