@@ -266,7 +266,7 @@ def train(
     workers = Demand(
         "fine-tuning workers",
         cfg.run.num_workers,
-        {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1.0} if cfg.run.use_gpu else {})},
+        {"CPU": cfg.run.cpus_per_worker, **({"GPU": 1.0} if cfg.run.use_gpu else {}), **cfg.run.worker_resources},
     )
     try:
         if with_fleet is None and not wait_for_resources:

@@ -74,7 +74,12 @@ def _wait_until_running(apps: tuple[str, ...], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         statuses = serve.status().applications
-        failed = {a: statuses[a].message for a in apps if a in statuses and statuses[a].status == "DEPLOY_FAILED"}
+        failed = {
+            # The application's message only says which deployments failed; theirs say why (the replica's error).
+            a: " ".join([statuses[a].message, *(d.message for d in statuses[a].deployments.values() if d.message)])
+            for a in apps
+            if a in statuses and statuses[a].status == "DEPLOY_FAILED"
+        }
         if failed:
             raise RuntimeError(f"Serve applications failed to deploy: {failed}")
         if all(a in statuses and statuses[a].status == "RUNNING" for a in apps):
@@ -180,8 +185,17 @@ def stop_fleet(shutdown_ray: bool = True) -> None:
 SCALED_TO_ZERO = "scaled to zero"
 
 
+def _replicas_per_node(replicas: list[dict]) -> dict[str, int]:
+    nodes: dict[str, int] = {}
+    for replica in replicas:
+        if replica.get("state") == "RUNNING":
+            nodes[replica["node_ip"]] = nodes.get(replica["node_ip"], 0) + 1
+    return dict(sorted(nodes.items()))
+
+
 def fleet_status(target: str | None, token: str | None, timeout_s: float) -> list[dict]:
-    """One row per Serve application of the connected cluster: Serve's status and replica counts, and a Describe
+    """One row per Serve application of the connected cluster: Serve's status, replica counts (and running replicas
+    per node), and a Describe
     round trip over gRPC (the replica answered, through the proxy) with the provenance it reports. An application
     autoscaled to zero replicas gets no round trip (it would start one) and the health `SCALED_TO_ZERO`.
 
@@ -213,6 +227,8 @@ def fleet_status(target: str | None, token: str | None, timeout_s: float) -> lis
                 "status": d.status.value,
                 "running": sum(n for state, n in d.replica_states.items() if state == "RUNNING"),
                 "target": targets.get(deployment),
+                # Running replicas per node (by node IP): where the scheduler put them.
+                "nodes": _replicas_per_node(known.get(deployment, {}).get("replicas", [])),
             }
             for deployment, d in application.deployments.items()
         ]

@@ -42,13 +42,20 @@ def format_score_grid(columns: dict[str, list[dict]]) -> str:
 
 
 def format_status(rows: list[dict]) -> str:
-    """One line per application of `fleet_status`: status, replicas (running/target), health, fingerprint."""
+    """One line per application of `fleet_status`: status, replicas (running/target, and per node once the fleet
+    runs on several), health, fingerprint."""
+    several_nodes = len({ip for r in rows for d in r["deployments"] for ip in d.get("nodes", {})}) > 1
+
+    def replicas(d: dict) -> str:
+        where = ", ".join(f"{ip} x{n}" for ip, n in d.get("nodes", {}).items())
+        return f"{d['name']} {d['running']}/{d['target']}" + (f" ({where})" if several_nodes and where else "")
+
     header = ("application", "status", "replicas", "health", "fingerprint")
     lines = []
     for r in rows:
-        replicas = ", ".join(f"{d['name']} {d['running']}/{d['target']}" for d in r["deployments"])
         fingerprint = r.get("provenance", {}).get("fingerprint", "")[:12]
-        lines.append((r["application"], r["status"], replicas, r["health"], fingerprint))
+        deployments = ", ".join(map(replicas, r["deployments"]))
+        lines.append((r["application"], r["status"], deployments, r["health"], fingerprint))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     return "\n".join(
         "  ".join(f"{c:<{w}}" for c, w in zip(line, widths, strict=True)).rstrip() for line in [header, *lines]

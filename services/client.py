@@ -146,6 +146,7 @@ class RewardClient:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         discover_limits: bool = True,
+        channel_options: Sequence[tuple[str, Any]] = (),
     ):
         if max_samples_per_request < 1 or max_in_flight < 1 or max_request_bytes < 1:
             raise ValueError("max_samples_per_request, max_request_bytes and max_in_flight must be >= 1")
@@ -170,7 +171,13 @@ class RewardClient:
         auth = (("authorization", f"Bearer {token}"),) if token else ()
         self.metadata = (("application", application), *auth, *tuple(metadata))
         self.stats = ClientStats()
-        self._options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        # Extra gRPC channel arguments (`channel_options`), e.g. ("grpc.lb_policy_name", "round_robin") to spread
+        # calls over every proxy a DNS name resolves to; by default channels of one process share connections.
+        self._options = [
+            ("grpc.max_receive_message_length", -1),
+            ("grpc.max_send_message_length", -1),
+            *channel_options,
+        ]
         self._lock = threading.Lock()
         self._channel: grpc.Channel | None = None
         self._stub: dict[str, Any] | None = None

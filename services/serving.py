@@ -71,12 +71,31 @@ class RewardAppArgs(AdmissionArgs):
 
 
 def resolve_device(device: str) -> str:
-    """`device`, with "auto" resolved to "cuda" when torch sees a GPU, else "cpu"."""
-    if device != "auto":
+    """`device`, with "auto" resolved to "cuda" when torch sees a GPU, else "cpu".
+
+    A CUDA device that torch cannot see fails here, naming what Ray assigned: on a node that declares logical GPUs
+    (`ray start --num-gpus`) without a driver or a CUDA build of torch, the replica gets GPU ids and a
+    CUDA_VISIBLE_DEVICES but no CUDA, and would otherwise fail later inside the model with torch's own message.
+    """
+    if device == "cpu":  # no torch import: a weight-free reward (jpeg_compressibility) never needs it
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        import os
+
+        import ray
+
+        gpu_ids = ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if ray.is_initialized() else []
+        raise RuntimeError(
+            f"device {device!r}, but torch sees no CUDA device in this replica (Ray assigned it GPU ids {gpu_ids}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}, torch {torch.__version__}, built "
+            f"for CUDA {torch.version.cuda}). Install the NVIDIA driver on the node, or set `device: auto` in the "
+            "profile's args to fall back to the CPU."
+        )
+    return device
 
 
 def _failure_result(sample_id: str, code: str, message: str) -> reward_pb2.SampleResult:

@@ -18,6 +18,20 @@ from deploy.fleet import LOCAL_PROFILE, load_serve_config  # noqa: E402
 LIMITED = {"max_samples_per_request": 4, "max_request_bytes": 40_000, "max_image_pixels": 128 * 128}
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cluster-full",
+        action="store_true",
+        help="multi-node tests at full length: every ramp, kill and hold (`make test-cluster`); default: one of each",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Multi-node tests run last: each connects this process to a cluster of its own, which ends the session's
+    single-node one that the other tests share."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

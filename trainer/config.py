@@ -284,6 +284,11 @@ class RunConfig(Config):
     )
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs per worker (Ray resources).")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each worker also asks for, e.g. {trainer_node: 1} to keep workers on the "
+        "nodes that declare it (`ray start --resources`), one per node.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="Torch intra-op threads per worker; None = cpus_per_worker rounded down (at least 1)."
     )
@@ -306,6 +311,18 @@ class RunConfig(Config):
     )
     checkpoints_to_keep: int = Field(2, ge=1, description="Ray Train checkpoints kept (the latest ones).")
     seed: int = Field(0, description="Seed of the prompts, the sampling noise, the LoRA init and the step order.")
+
+    @field_validator("worker_resources")
+    @classmethod
+    def _custom_resources(cls, v: dict[str, float]) -> dict[str, float]:
+        builtin = {"CPU", "GPU", "memory", "object_store_memory"} & set(v)
+        if builtin:
+            raise ValueError(f"{sorted(builtin)} are set by cpus_per_worker and use_gpu, not worker_resources")
+        negative = {k: x for k, x in v.items() if x <= 0}
+        if negative:
+            raise ValueError(f"worker_resources must be positive amounts, got {negative}")
+        return v
+
     fail_at_round: int | None = Field(
         None,
         ge=0,

@@ -154,7 +154,7 @@ def run_finetune(config: FinetuneConfig, on_round=None) -> FinetuneRun:
     finally:
         scorer.close()
 
-    resources = {"CPU": config.run.cpus_per_worker}
+    resources = {"CPU": config.run.cpus_per_worker, **config.run.worker_resources}
     if config.run.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(

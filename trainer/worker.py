@@ -84,10 +84,15 @@ def select_samples(scores: dict[str, np.ndarray], config: FinetuneConfig) -> lis
     )
 
 
+# One line per worker start in run.output_dir: rank, Ray node id, attempt.
+WORKERS_LOG = "workers.log"
+
+
 class Worker:
     """The state of one Ray Train worker across rounds; `run_round` is one round."""
 
     def __init__(self, config: FinetuneConfig):
+        import ray
         import ray.train
         import ray.train.torch
         import torch
@@ -132,6 +137,11 @@ class Worker:
             with checkpoint.as_directory() as directory:
                 self.state = load_checkpoint(Path(directory), self.setup, optim.method, self.rank)
         self.state["starts"] += 1
+        # Where each worker of each attempt ran (rank, Ray node id, attempt): after a lost node, where it went.
+        node_id = ray.get_runtime_context().get_node_id()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / WORKERS_LOG, "a") as log:
+            log.write(f"{self.rank} {node_id} attempt={self.state['starts']}\n")
         base_eval = self.state["base_eval"]
         unscored = [name for name in self.rewards if base_eval is not None and name not in base_eval]
         if unscored:

@@ -17,36 +17,38 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def tiny_job(fleet, tmp_path, name, *overrides):
     """The local preset shrunk to seconds per round: 16 px, 3 steps, 4 training prompts x K = 3, 2 held-out x 2."""
-    return load_finetune_config(
-        None,
-        [
-            f"rewards.target={fleet.grpc_target}",
-            "model.pretrained=tiny",
-            "model.resolution=16",
-            "sampling.steps=3",
-            "sampling.samples_per_prompt=3",
-            "sampling.prompts_per_batch=1",
-            "prompts.generate=4",
-            "prompts.eval_count=2",
-            "prompts.eval_seeds=2",
-            "optim.method=lora",
-            "optim.epochs_per_round=1",
-            "optim.batch_size=2",
-            "run.num_workers=2",
-            "run.rounds=2",
-            # The tiny pipeline's images are noise: generated prompts, no testbed metrics, the old preset's reward.
-            "prompts.train_file=null",
-            "prompts.eval_file=null",
-            "testbed.oracle=false",
-            "testbed.fidelity_clip=null",
-            "rewards.weights={jpeg_compressibility: 1.0}",
-            "rewards.monitor=[]",
-            "optim.lr=1e-3",
-            f"run.output_dir={tmp_path / name}",
-            f"run.name={name}",
-            *overrides,
-        ],
-    )
+    return load_finetune_config(None, tiny_overrides(fleet, tmp_path, name, *overrides))
+
+
+def tiny_overrides(fleet, tmp_path, name, *overrides) -> list[str]:
+    """`tiny_job`'s overrides of the local preset (for `rewardfleet train --set`)."""
+    return [
+        f"rewards.target={fleet.grpc_target}",
+        "model.pretrained=tiny",
+        "model.resolution=16",
+        "sampling.steps=3",
+        "sampling.samples_per_prompt=3",
+        "sampling.prompts_per_batch=1",
+        "prompts.generate=4",
+        "prompts.eval_count=2",
+        "prompts.eval_seeds=2",
+        "optim.method=lora",
+        "optim.epochs_per_round=1",
+        "optim.batch_size=2",
+        "run.num_workers=2",
+        "run.rounds=2",
+        # The tiny pipeline's images are noise: generated prompts, no testbed metrics, the old preset's reward.
+        "prompts.train_file=null",
+        "prompts.eval_file=null",
+        "testbed.oracle=false",
+        "testbed.fidelity_clip=null",
+        "rewards.weights={jpeg_compressibility: 1.0}",
+        "rewards.monitor=[]",
+        "optim.lr=1e-3",
+        f"run.output_dir={tmp_path / name}",
+        f"run.name={name}",
+        *overrides,
+    ]
 
 
 def check_rows(rows, rounds, rewards):
