@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: venv demo test lint protos bench clean
+.PHONY: venv demo test test-cluster lint protos bench clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,11 @@ demo: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# The multi-node tests at full length (`--cluster-full`): every ramp, kill and hold. `make test` runs them too, shorter
+# (one ramp, one node kill, 15 s of overload): tests/deploy/test_cluster.py, tests/trainer/test_finetune_cluster.py.
+test-cluster: venv
+	$(BIN)/python -m pytest -q -m cluster --cluster-full
 
 lint: venv
 	$(BIN)/ruff check .

@@ -184,6 +184,7 @@ def test_a_cuda_replica_without_cuda_fails_naming_device_auto(cluster, placed):
     broken.update(name="jpeg_cuda", route_prefix="/jpeg_cuda")
     broken["args"]["device"] = "cuda"
     broken["deployments"][0]["ray_actor_options"] = {"num_cpus": 0.1, "resources": {"cpu_pool": 0.1}}
+    broken["deployments"][0]["max_constructor_retry_count"] = 1  # one failed start is enough to report it
     with pytest.raises(RuntimeError) as failed:
         deploy({**config, "applications": [*config["applications"], broken]}, timeout_s=120)
     message = str(failed.value)
@@ -317,7 +318,7 @@ def test_overload_is_shed_with_resource_exhausted_and_memory_stays_bounded(clust
         batch_wait_timeout_s=0.02,
     )
     deploy({**config, "applications": [*config["applications"], shed]})
-    hold_s = 60.0 if request.config.getoption("cluster_full") else 15.0
+    hold_s = 60.0 if request.config.getoption("cluster_full") else 10.0
     pids = _proxy_pids(cluster) + [r["pid"] for r in running("jpeg_shed")]
     load = Load(fleet.grpc_target, "jpeg_shed", clients=12, samples_per_request=1, max_retries=3).start()
     time.sleep(5)  # warm-up: allocators and gRPC buffers settle

@@ -106,31 +106,6 @@ def test_two_rounds_then_resume_from_the_checkpoint(fleet, tmp_path):
     assert json.loads((more.checkpoint / "state.json").read_text())["next_round"] == 3
 
 
-def test_a_worker_death_resumes_from_the_last_checkpoint(fleet, tmp_path):
-    """Weighted strategy with the pre-training term; the last worker exits abruptly in the middle of round 1."""
-    from trainer.pretrain_data import write_rendered_pairs
-
-    pairs = write_rendered_pairs(tmp_path / "pretrain", 6, 16)
-    config = tiny_job(
-        fleet,
-        tmp_path,
-        "fault",
-        "selection.strategy=weighted",
-        "selection.weighting=minmax",
-        "optim.beta=0.5",
-        f"optim.pretrain_data={pairs}",
-        "run.fail_at_round=1",
-        "run.max_failures=1",
-    )
-    result = run_finetune(config)
-    assert (result.output_dir / ".fault_injected").exists()  # the worker did die
-    check_rows(result.rows, 2, ["jpeg_compressibility"])
-    # Round 0 ran once in the first attempt; round 1 was redone from round 0's checkpoint by the second.
-    assert [r["attempt"] for r in result.rows] == [1, 2, 2]
-    # minmax weights: every prompt's worst sample gets weight 0 unless its samples all tie.
-    assert result.rows[0]["selected"] <= 4 * 3
-
-
 def test_assemble_fuses_two_served_rewards_and_monitors_a_third(fleet, local_artifacts, tmp_path):
     """Assemble over two served rewards, with the caption reward monitored: scored and logged every round, watched
     for reward hacking, never fused. The held-out prompts are the testbed world's, with its oracle and fidelity

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import time
 
+import grpc
+import numpy as np
 import pytest
 
 from deploy.fleet import LOCAL_PROFILE, load_serve_config, start_fleet
 from deploy.local_cluster import CLUSTER_ENV, LoopbackCluster
+from services.client import RewardClient, RewardServiceError
 from tests.conftest import free_port
 from tests.trainer.test_finetune import check_rows, tiny_overrides
 
@@ -72,6 +75,10 @@ def test_losing_a_workers_node_mid_round_resumes_from_the_last_checkpoint(cluste
     from trainer.pretrain_data import write_rendered_pairs
 
     fleet = _fleet_on_the_head()
+    # One application only: Serve's proxy would route any name to it; the deployment must refuse.
+    with pytest.raises(RewardServiceError) as e:
+        RewardClient(fleet.grpc_target, "caption").score([np.zeros((8, 8, 3), np.uint8)], "p")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND and "'caption' not found" in e.value.details
     pairs = write_rendered_pairs(tmp_path / "pretrain", 6, 16)
     overrides = tiny_overrides(
         fleet,
