@@ -84,7 +84,6 @@ def test_losing_a_workers_node_mid_round_resumes_from_the_last_checkpoint(cluste
         fleet,
         tmp_path,
         "multinode",
-        "run.rounds=3",
         "run.max_failures=1",
         "run.worker_resources={trainer_node: 1}",
         "selection.strategy=weighted",
@@ -118,7 +117,7 @@ def test_losing_a_workers_node_mid_round_resumes_from_the_last_checkpoint(cluste
         log.close()
     # 3. Every round exactly once, the final evaluation last; the rounds after the loss were run by attempt 2.
     rows = read_metrics(output_dir)
-    check_rows(rows, 3, ["jpeg_compressibility"])
+    check_rows(rows, 2, ["jpeg_compressibility"])
     attempts = [r["attempt"] for r in rows]
     assert attempts[0] == 1 and attempts[-1] == 2 and attempts == sorted(attempts), attempts
     after = _worker_nodes(output_dir, cluster)
