@@ -98,6 +98,8 @@ async def soak(cluster, target: str, app: str, args) -> None:
             now = time.perf_counter()
             t = now - start
             replicas = await asyncio.to_thread(serving_processes, app)
+            # Proxies start on a node once it runs a replica: look again each time.
+            infra.update(await asyncio.to_thread(infrastructure_pids, cluster))
             memory = rss_mb({**infra, **replicas})
             for label, mb in memory.items():
                 if not np.isnan(mb):

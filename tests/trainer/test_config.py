@@ -124,3 +124,12 @@ def test_testbed_metrics_need_testbed_prompts(tmp_path):
     assert clip.testbed.fidelity_clip == str(Path("~/no/such/clip").expanduser()) and clip.testbed.enabled
     with pytest.raises(FileNotFoundError, match="testbed.fidelity_clip: local model path .* does not exist"):
         check_inputs(clip)
+
+
+def test_worker_resources_are_custom_and_positive():
+    config = load_finetune_config(None, ["run.worker_resources={trainer_node: 1}"])
+    assert config.run.worker_resources == {"trainer_node": 1.0}
+    with pytest.raises(ValueError, match=r"\['GPU'\] are set by cpus_per_worker and use_gpu"):
+        load_finetune_config(None, ["run.worker_resources={GPU: 1}"])
+    with pytest.raises(ValueError, match="must be positive"):
+        load_finetune_config(None, ["run.worker_resources={trainer_node: 0}"])
