@@ -12,14 +12,14 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 venv: $(STAMP)
 
-# Reinstalled whenever pyproject.toml changes.
+# Reinstalled whenever pyproject.toml changes. Bytecode is compiled after the install, on every core (pip compiles on
+# one: 116 + 45 s here instead of 193 s); without it the suite's first Ray workers each compiled torch and
+# transformers on their own. A file written in newer Python than the venv's (torch ships one) does not compile, as
+# under pip, hence `|| true`.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install --no-compile -e '.[dev]'
-	# Bytecode for every installed module on every core (pip compiles on one: 116 + 45 s here instead of 193 s). Without
-	# it, the suite's first Ray workers each compiled torch and transformers on their own. A file written in newer
-	# Python than the venv's (torch ships one) does not compile, as under pip, hence `|| true`.
 	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null || true
 	touch $@
 
@@ -33,10 +33,10 @@ demo: venv
 # takes minutes: the test fleet serves one trained on a tiny testbed (tests/conftest.py).
 test: venv
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not cluster_full"
 
-# The multi-node tests at full length (`--cluster-full`): every ramp, kill and hold. `make test` runs them too, shorter
-# (one ramp, one node kill, 15 s of overload): tests/deploy/test_cluster.py, tests/trainer/test_finetune_cluster.py.
+# The multi-node tests at full length (`--cluster-full`): every ramp, kill and hold, the CUDA-less replica and the
+# fine-tuning job on 2 nodes. `make test` runs the others shorter (one ramp, one node kill, 10 s of overload).
 test-cluster: venv
 	$(BIN)/python -m pytest -q -m cluster --cluster-full
 

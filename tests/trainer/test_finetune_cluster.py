@@ -18,7 +18,7 @@ from services.client import RewardClient, RewardServiceError
 from tests.conftest import free_port
 from tests.trainer.test_finetune import check_rows, tiny_overrides
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster, pytest.mark.cluster_full]
 
 # One worker per trainer node: each asks for the node's one `trainer_node`.
 TRAINER_NODE = {"num_cpus": 2, "resources": {"trainer_node": 1}}
