@@ -211,9 +211,12 @@ def test_every_nodes_proxy_answers(cluster, placed):
     from ray.serve.context import _get_global_client
 
     fleet, _ = placed
-    proxies = _get_global_client().get_serve_details()["proxies"]
-    assert {p["node_id"] for p in proxies.values()} == {n.node_id for n in cluster.nodes}
-    assert all(p["status"] == "HEALTHY" for p in proxies.values())
+    def proxies() -> dict:
+        return _get_global_client().get_serve_details()["proxies"]
+
+    assert {p["node_id"] for p in proxies().values()} == {n.node_id for n in cluster.nodes}
+    # A node's proxy starts once the node runs a replica, so the workers' can still be starting.
+    wait_for(lambda: all(p["status"] == "HEALTHY" for p in proxies().values()), 60, "every proxy healthy")
     # 24 clients with a connection each (as separate client machines have; channels of one process otherwise share
     # one): the kernel spreads the connections over the three proxies.
     load = Load(
