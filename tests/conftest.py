@@ -1,5 +1,6 @@
 """Shared fixtures: one real local Ray cluster and one Serve fleet per test session (starting them costs ~15 s)."""
 
+import contextlib
 import copy
 import os
 import socket
@@ -109,6 +110,36 @@ def test_serve_config(alignment_dir: str | None = None) -> dict:
             for dep in app["deployments"]:
                 dep["ray_actor_options"]["num_cpus"] = 0.1
     return config
+
+
+@contextlib.contextmanager
+def loopback_cluster(*nodes: dict):
+    """A multi-node cluster on this machine (deploy/local_cluster.py), one node per `add_node` kwargs (the first is
+    the head), with this process connected as its driver; torn down by process id whatever happens. The session's
+    single-node cluster is shut down first: multi-node tests run last (`pytest_collection_modifyitems`)."""
+    import ray
+
+    from deploy.local_cluster import CLUSTER_ENV, LoopbackCluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
+    os.environ.update(CLUSTER_ENV)
+    try:
+        with LoopbackCluster() as cluster:
+            for node in nodes:
+                cluster.add_node(**node)
+            ray.init(address=cluster.address, log_to_driver=False)
+            try:
+                yield cluster
+            finally:
+                ray.shutdown()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

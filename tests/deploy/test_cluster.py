@@ -13,15 +13,13 @@ the devices are not there, so GPU replicas run with `device: auto` (CPU). Every 
 from __future__ import annotations
 
 import copy
-import os
 import time
 
 import psutil
 import pytest
 
 from deploy.fleet import LOCAL_PROFILE, load_serve_config
-from deploy.local_cluster import CLUSTER_ENV, LoopbackCluster
-from tests.conftest import free_port
+from tests.conftest import free_port, loopback_cluster
 from tests.deploy.load import Load, p99
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -31,27 +29,9 @@ GPU_NODE = {"num_cpus": 4, "num_gpus": 2, "resources": {"reward_node": 1}}
 
 @pytest.fixture(scope="module")
 def cluster(local_artifacts):
-    """The three nodes, this process connected as the driver; torn down by process id whatever happens."""
-    import ray
-
-    if ray.is_initialized():  # the session's single-node cluster: cluster tests run last (tests/conftest.py)
-        ray.shutdown()
-    saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
-    os.environ.update(CLUSTER_ENV)
-    with LoopbackCluster() as loopback:
-        loopback.add_node(num_cpus=4, resources={"cpu_pool": 1})
-        loopback.add_node(**GPU_NODE)
-        loopback.add_node(**GPU_NODE)
-        ray.init(address=loopback.address, log_to_driver=False)
-        try:
-            yield loopback
-        finally:
-            ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    """A GPU-less head with `cpu_pool` and two GPU workers, this process their driver."""
+    with loopback_cluster({"num_cpus": 4, "resources": {"cpu_pool": 1}}, GPU_NODE, GPU_NODE) as running:
+        yield running
 
 
 def _app(base: dict, name: str, *, deployment: dict, **args) -> dict:
@@ -211,6 +191,7 @@ def test_every_nodes_proxy_answers(cluster, placed):
     from ray.serve.context import _get_global_client
 
     fleet, _ = placed
+
     def proxies() -> dict:
         return _get_global_client().get_serve_details()["proxies"]
 

@@ -3,7 +3,6 @@ two nodes of their own, the fleet on the head, and the node of one worker lost i
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -13,9 +12,8 @@ import numpy as np
 import pytest
 
 from deploy.fleet import LOCAL_PROFILE, load_serve_config, start_fleet
-from deploy.local_cluster import CLUSTER_ENV, LoopbackCluster
 from services.client import RewardClient, RewardServiceError
-from tests.conftest import free_port
+from tests.conftest import free_port, loopback_cluster
 from tests.trainer.test_finetune import check_rows, tiny_overrides
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster, pytest.mark.cluster_full]
@@ -26,26 +24,9 @@ TRAINER_NODE = {"num_cpus": 2, "resources": {"trainer_node": 1}}
 
 @pytest.fixture
 def cluster():
-    import ray
-
-    if ray.is_initialized():  # the session's single-node cluster: cluster tests run last (tests/conftest.py)
-        ray.shutdown()
-    saved = {k: os.environ.get(k) for k in CLUSTER_ENV}
-    os.environ.update(CLUSTER_ENV)
-    with LoopbackCluster() as loopback:
-        loopback.add_node(num_cpus=2, resources={"fleet_node": 1})
-        loopback.add_node(**TRAINER_NODE)
-        loopback.add_node(**TRAINER_NODE)
-        ray.init(address=loopback.address, log_to_driver=False)
-        try:
-            yield loopback
-        finally:
-            ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    """The head (the fleet, `fleet_node`) and two trainer nodes, this process their driver."""
+    with loopback_cluster({"num_cpus": 2, "resources": {"fleet_node": 1}}, TRAINER_NODE, TRAINER_NODE) as running:
+        yield running
 
 
 def _fleet_on_the_head():
