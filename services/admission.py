@@ -80,9 +80,17 @@ def admission_problem(
 
 
 def request_limit_problem(
-    request: reward_pb2.ScoreRequest, max_samples: int, max_bytes: int, accepted_options: set[str], name: str
+    request: reward_pb2.ScoreRequest,
+    max_samples: int,
+    max_bytes: int,
+    accepted_options: set[str],
+    name: str,
+    wire_size: int | None = None,
 ) -> str | None:
-    """What makes a ScoreRequest as a whole invalid, or None. Checked before any image is decoded."""
+    """What makes a ScoreRequest as a whole invalid, or None. Checked before any image is decoded.
+
+    `wire_size` is the length of the bytes the request was parsed from, when it was.
+    """
     n = len(request.samples)
     if n == 0:
         return "ScoreRequest has no samples"
@@ -91,9 +99,11 @@ def request_limit_problem(
             f"ScoreRequest has {n} samples, more than the limit of {max_samples} per request; split it into several "
             "requests (the Python client does)"
         )
-    # ByteSize is the samples' serialized size, computed without copying the image bytes.
-    payload = sum(s.ByteSize() for s in request.samples)
-    if payload > max_bytes:
+    # The samples' serialized size. protobuf's runtime computes ByteSize by serializing (a copy of every image), so
+    # requests whose bytes are within the limit skip it: parsing and re-serializing never makes a message larger
+    # (canonical varints, duplicates merged, defaults dropped, unknown fields kept as they came).
+    payload = None if wire_size is not None and wire_size <= max_bytes else sum(s.ByteSize() for s in request.samples)
+    if payload is not None and payload > max_bytes:
         return (
             f"ScoreRequest carries {payload} bytes of samples, more than the limit of {max_bytes} bytes per request; "
             "split it into several requests"
@@ -143,11 +153,16 @@ class Admission:
             grpc_context.set_code(code)
             grpc_context.set_details(details)
 
-    def request_problem(self, request: reward_pb2.ScoreRequest) -> str | None:
+    def request_problem(self, request: reward_pb2.ScoreRequest, wire_size: int | None = None) -> str | None:
         """What makes the request as a whole invalid under this application's limits, or None."""
         limits = self.limits
         return request_limit_problem(
-            request, limits.max_samples_per_request, limits.max_request_bytes, self.accepted_options, self.reward_name
+            request,
+            limits.max_samples_per_request,
+            limits.max_request_bytes,
+            self.accepted_options,
+            self.reward_name,
+            wire_size,
         )
 
     def score_request(
@@ -159,13 +174,14 @@ class Admission:
         """
         if not self.admit(grpc_context):
             return reward_pb2.ScoreResponse()
-        problem = None
+        problem = wire_size = None
         if isinstance(request, bytes):  # passed through the proxy unparsed (services.grpc_proxy)
+            wire_size = len(request)
             try:
                 request = reward_pb2.ScoreRequest.FromString(request)
             except Exception as e:  # protobuf's DecodeError
                 problem = f"request is not a valid reward.v1.ScoreRequest message ({e})"
-        problem = problem or self.request_problem(request)
+        problem = problem or self.request_problem(request, wire_size)
         if problem is not None:
             self.reject(grpc_context, grpc.StatusCode.INVALID_ARGUMENT, problem)
             return self.response()
@@ -196,10 +212,17 @@ class Admission:
         )
 
 
-def decode_samples(samples, max_image_pixels: int, max_prompt_chars: int) -> list[tuple[Any, str] | SampleFailure]:
-    """(image, prompt) per sample, or the SampleFailure that becomes that sample's error (INVALID_PROMPT, ...)."""
+def decode_samples(
+    samples, max_image_pixels: int, max_prompt_chars: int, raw_views: Sequence[memoryview | None] | None = None
+) -> list[tuple[Any, str] | SampleFailure]:
+    """(image, prompt) per sample, or the SampleFailure that becomes that sample's error (INVALID_PROMPT, ...).
+
+    `raw_views` (`services.wire.raw_data_views` of the request bytes) lets raw images be read without a copy.
+    """
     decoded: list[tuple[Any, str] | SampleFailure] = []
-    for s in samples:
+    if raw_views is None or len(raw_views) != len(samples):
+        raw_views = [None] * len(samples)
+    for s, view in zip(samples, raw_views, strict=True):
         prompt = s.prompt
         if not prompt.strip():
             decoded.append(SampleFailure("INVALID_PROMPT", "prompt is empty"))
@@ -210,7 +233,7 @@ def decode_samples(samples, max_image_pixels: int, max_prompt_chars: int) -> lis
             )
             continue
         try:
-            decoded.append((decode_sample_image(s, max_image_pixels), prompt))
+            decoded.append((decode_sample_image(s, max_image_pixels, view), prompt))
         except ImageError as e:
             decoded.append(SampleFailure(e.code, e.message))
     return decoded

@@ -35,21 +35,10 @@ from protos.reward.v1 import reward_pb2
 from services.codec import encode_image, to_hwc_uint8
 from services.retries import retry_policy
 from services.reward import SegmentScore
+from services.wire import FramedSample, frame_sample
 
 _SCORE_METHOD = "/reward.v1.RewardService/Score"
 _DESCRIBE_METHOD = "/reward.v1.RewardService/Describe"
-# Field 1 (ScoreRequest.samples), wire type 2 (length-delimited): (1 << 3) | 2.
-_SAMPLES_TAG = b"\x0a"
-
-
-def _varint(n: int) -> bytes:
-    """Protobuf base-128 varint of a non-negative int (the length prefix of a length-delimited field)."""
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 class RewardServiceError(RuntimeError):
@@ -126,6 +115,25 @@ def make_sample(sample_id: str, prompt: str, image: Any, image_format: str = "ra
     return reward_pb2.Sample(id=sample_id, prompt=prompt, encoded=encode_image(array, image_format))
 
 
+def frame_image_sample(sample_id: str, prompt: str, image: Any, image_format: str = "raw") -> FramedSample:
+    """`make_sample`'s Sample in wire form (`services.wire`): the same bytes, with the pixels referenced, not copied
+    three times over (array to bytes, into the message, out of it)."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return frame_sample(sample_id, prompt, encoded=bytes(image))
+    array = to_hwc_uint8(image)  # (H, W, 3) uint8, C-contiguous
+    if image_format == "raw":
+        height, width, _ = array.shape
+        return frame_sample(sample_id, prompt, raw=(height, width, memoryview(array).cast("B")))
+    return frame_sample(sample_id, prompt, encoded=encode_image(array, image_format))
+
+
+def _framed(sample: reward_pb2.Sample | FramedSample) -> FramedSample:
+    if isinstance(sample, FramedSample):
+        return sample
+    body = sample.SerializeToString()
+    return FramedSample(sample.id, (body,), len(body))
+
+
 class RewardClient:
     """Client of one reward application of the fleet (see the module docstring)."""
 
@@ -187,10 +195,8 @@ class RewardClient:
 
     # --- building requests --------------------------------------------------------------------------------------
 
-    def make_samples(
-        self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
-    ) -> list[reward_pb2.Sample]:
-        """Samples for `images`; `prompts` is one prompt for all or one per image; ids default to "0", "1", ..."""
+    def _inputs(self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None) -> list[tuple]:
+        """(id, prompt, image) per image; `prompts` is one prompt for all or one per image; ids default to "0", ..."""
         images = _split_images(images)
         if isinstance(prompts, str):
             prompts = [prompts] * len(images)
@@ -200,13 +206,25 @@ class RewardClient:
             ids = [str(i) for i in range(len(images))]
         if len(ids) != len(images):
             raise ValueError(f"got {len(images)} images but {len(ids)} ids")
-        return [make_sample(i, p, x, self.image_format) for i, p, x in zip(ids, prompts, images, strict=True)]
+        return list(zip(ids, prompts, images, strict=True))
 
-    def plan(self, samples: Sequence[reward_pb2.Sample]) -> tuple[list[bytes], list[int], list[Any]]:
+    def make_samples(
+        self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
+    ) -> list[reward_pb2.Sample]:
+        """`reward.v1.Sample` messages for `images` (see `_inputs`), for callers that build requests themselves."""
+        return [make_sample(i, p, x, self.image_format) for i, p, x in self._inputs(images, prompts, ids)]
+
+    def frame_samples(
+        self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
+    ) -> list[FramedSample]:
+        """The samples `score` sends, in wire form (`services.wire`); `score_samples` takes them as they are."""
+        return [frame_image_sample(i, p, x, self.image_format) for i, p, x in self._inputs(images, prompts, ids)]
+
+    def plan(self, samples: Sequence[reward_pb2.Sample | FramedSample]) -> tuple[list[bytes], list[int], list[Any]]:
         """Splits samples into serialized requests under the limits, keeping order.
 
-        Each sample is serialized once and requests are framed from those bytes (the wire format of
-        `repeated Sample samples = 1`), so a 25 MB batch is not copied and re-serialized per request.
+        Requests are framed from each sample's wire bytes (`repeated Sample samples = 1`): the pixels are copied
+        once, into the request. A sample's size is its serialized size, what the server's byte limit counts.
         Returns the request bytes, the sample count of each request, and a slot per sample: the index of its
         request, or a `SampleResult` with a NOT_SENT error for a sample larger than the byte limit on its own.
         """
@@ -216,15 +234,15 @@ class RewardClient:
         requests: list[bytes] = []
         counts: list[int] = []
         slots: list[Any] = []
-        current: list[bytes] = []
+        current: list[FramedSample] = []
         current_bytes = 0
 
         def flush():
-            requests.append(b"".join(current))
+            requests.append(b"".join(part for sample in current for part in sample.framed()))
             counts.append(len(current))
 
-        for s in samples:
-            size = s.ByteSize()  # what the server's byte limit counts
+        for s in map(_framed, samples):
+            size = s.size
             if size > max_bytes:
                 slots.append(
                     SampleResult(
@@ -238,8 +256,7 @@ class RewardClient:
             if current and (len(current) >= max_samples or current_bytes + size > max_bytes):
                 flush()
                 current, current_bytes = [], 0
-            body = s.SerializeToString()
-            current.append(_SAMPLES_TAG + _varint(len(body)) + body)
+            current.append(s)
             current_bytes += size
             slots.append(len(requests))
         if current:
@@ -312,7 +329,7 @@ class RewardClient:
         except grpc.RpcError as e:
             raise self._error(e) from None
 
-    def score_samples(self, samples: Sequence[reward_pb2.Sample]) -> list[SampleResult]:
+    def score_samples(self, samples: Sequence[reward_pb2.Sample | FramedSample]) -> list[SampleResult]:
         """Scores prepared samples; see `score`."""
         if self.discover_limits and self._server_limits is None:
             self._set_server_limits(self.describe())
@@ -323,7 +340,7 @@ class RewardClient:
 
     def score(self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None) -> list[SampleResult]:
         """Scores images against prompts; one result per image, in order."""
-        return self.score_samples(self.make_samples(images, prompts, ids))
+        return self.score_samples(self.frame_samples(images, prompts, ids))
 
     def describe(self) -> reward_pb2.DescribeResponse:
         return self._call("Describe", reward_pb2.DescribeRequest())
@@ -351,7 +368,7 @@ class RewardClient:
         except grpc.RpcError as e:  # grpc.aio.AioRpcError is one
             raise self._error(e) from None
 
-    async def ascore_samples(self, samples: Sequence[reward_pb2.Sample]) -> list[SampleResult]:
+    async def ascore_samples(self, samples: Sequence[reward_pb2.Sample | FramedSample]) -> list[SampleResult]:
         """Scores prepared samples; see `ascore`."""
         if self.discover_limits and self._server_limits is None:
             self._set_server_limits(await self.adescribe())
@@ -369,7 +386,7 @@ class RewardClient:
         self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
     ) -> list[SampleResult]:
         """Async `score`: the same results, without blocking the event loop."""
-        return await self.ascore_samples(self.make_samples(images, prompts, ids))
+        return await self.ascore_samples(self.frame_samples(images, prompts, ids))
 
     async def adescribe(self) -> reward_pb2.DescribeResponse:
         return await self._acall("Describe", reward_pb2.DescribeRequest())

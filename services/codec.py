@@ -69,7 +69,9 @@ def decode_encoded(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> n
     return np.ascontiguousarray(array)
 
 
-def decode_raw(height: int, width: int, data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def decode_raw(
+    height: int, width: int, data: bytes | memoryview, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Views raw uint8 RGB bytes as a (H, W, 3) array (no copy; read-only)."""
     _check_size(height, width, max_pixels)
     expected = height * width * 3
@@ -81,13 +83,20 @@ def decode_raw(height: int, width: int, data: bytes, max_pixels: int = DEFAULT_M
     return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3)
 
 
-def decode_sample_image(sample: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decodes the image of a `reward.v1.Sample`, whichever transport it uses."""
+def decode_sample_image(
+    sample: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raw_data: memoryview | None = None
+) -> np.ndarray:
+    """Decodes the image of a `reward.v1.Sample`, whichever transport it uses.
+
+    `raw_data`, when given, is the raw image's pixel bytes as a view into the request (`services.wire`): reading
+    `sample.raw.data` from protobuf would copy them.
+    """
     kind = sample.WhichOneof("image")
     if kind == "encoded":
         return decode_encoded(sample.encoded, max_pixels)
     if kind == "raw":
-        return decode_raw(sample.raw.height, sample.raw.width, sample.raw.data, max_pixels)
+        data = raw_data if raw_data is not None else sample.raw.data
+        return decode_raw(sample.raw.height, sample.raw.width, data, max_pixels)
     raise ImageError("MISSING_IMAGE", "sample has no image (set `encoded` or `raw`)")
 
 

@@ -10,10 +10,11 @@ from the `args:` of a Serve config file:
         args: {reward: jpeg_compressibility, max_batch_size: 32}
 
 A call first passes the application's `Admission` (services/admission.py: token, application name, request limits;
-INVALID_ARGUMENT before any image is decoded); per-sample problems become errors on that sample's result. Samples
-from concurrent requests are batched together with `@serve.batch`, so many small requests still run the model on
-full batches. Every response carries the replica's provenance (services/provenance.py), computed once at start;
-replicas export Prometheus metrics (services/metrics.py).
+INVALID_ARGUMENT before any image is decoded); per-sample problems become errors on that sample's result. Raw pixels
+are read in place in the request bytes (services/wire.py). Samples from concurrent requests are batched together with
+`@serve.batch`, a request entering in chunks counted by their samples, so many small requests still run the model on
+full batches and a large one costs one queue entry per batch. Every response carries the replica's provenance
+(services/provenance.py), computed once at start; replicas export Prometheus metrics (services/metrics.py).
 
 No `from __future__ import annotations` here: Serve reads `build_app`'s parameter annotation to validate `args`.
 """
@@ -23,6 +24,7 @@ import json
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import Field
@@ -37,6 +39,7 @@ from services.metrics import RewardMetrics
 from services.provenance import build_provenance
 from services.registry import build_reward
 from services.reward import RewardOutput, SampleFailure
+from services.wire import raw_data_views
 
 logger = logging.getLogger("ray.serve")
 
@@ -98,6 +101,19 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _replica_cpus() -> int:
+    """CPUs Ray assigned to this replica (rounded up, at least 1); 1 outside a Ray worker (in-process tests)."""
+    import ray
+
+    if not ray.is_initialized():  # get_runtime_context() would start Ray
+        return 1
+    try:
+        assigned = ray.get_runtime_context().get_assigned_resources()
+    except AssertionError:  # Ray asserts it runs in a worker; a driver has no assignment
+        return 1
+    return max(1, math.ceil(assigned.get("CPU", 1)))
+
+
 def _failure_result(sample_id: str, code: str, message: str) -> reward_pb2.SampleResult:
     return reward_pb2.SampleResult(
         id=sample_id,
@@ -139,6 +155,9 @@ class RewardDeployment:
         self.app_name = application_name(default=self.reward.name)
         self._score_batch.set_max_batch_size(args.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        # Encoded images decode on these threads, one per CPU the replica was given.
+        self._decode_threads = _replica_cpus()
+        self._decode_pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="decode")
         # Once per replica: stat-ing weight files on every request would cost more than the JPEG reward itself.
         self.provenance = build_provenance(
             self.reward.name, self.app_name, to_dict(self.reward.config), self.info.models
@@ -159,22 +178,29 @@ class RewardDeployment:
     async def Score(
         self, request: reward_pb2.ScoreRequest | bytes, grpc_context: RayServegRPCContext | None = None
     ) -> reward_pb2.ScoreResponse:
+        wire = request if isinstance(request, bytes) else None
         request = self.admission.score_request(request, grpc_context)
         if isinstance(request, reward_pb2.ScoreResponse):  # rejected; the status is set
             return request
 
-        # 1. Decode off the event loop when there is codec work, so the replica keeps taking requests meanwhile.
+        # 1. Decode; raw pixels are viewed in the request bytes (services.wire), encoded images decode in parallel
+        #    off the event loop, so the replica keeps taking requests meanwhile.
         samples, args = request.samples, self.args
+        views = raw_data_views(wire) if wire is not None else None
         if any(s.WhichOneof("image") == "encoded" for s in samples):
-            decoded = await asyncio.to_thread(decode_samples, samples, args.max_image_pixels, args.max_prompt_chars)
+            decoded = await self._decode_in_parallel(samples, views)
         else:
-            decoded = decode_samples(samples, args.max_image_pixels, args.max_prompt_chars)
+            decoded = decode_samples(samples, args.max_image_pixels, args.max_prompt_chars, views)
 
-        # 2. Each valid sample joins the cross-request batcher on its own, so batches fill across requests.
+        # 2. The valid samples join the cross-request batcher in chunks of at most max_batch_size, counted by their
+        #    samples (`batch_size_fn`): batches fill across requests with one queue entry per chunk, not per sample.
         valid = [i for i, d in enumerate(decoded) if not isinstance(d, SampleFailure)]
-        outputs = await asyncio.gather(*(self._score_batch(decoded[i]) for i in valid))
-        for i, out in zip(valid, outputs, strict=True):
-            decoded[i] = out
+        size = args.max_batch_size
+        chunks = [valid[k : k + size] for k in range(0, len(valid), size)]
+        outputs = await asyncio.gather(*(self._score_batch([decoded[i] for i in chunk]) for chunk in chunks))
+        for chunk, chunk_outputs in zip(chunks, outputs, strict=True):
+            for i, out in zip(chunk, chunk_outputs, strict=True):
+                decoded[i] = out
 
         # 3. One result per sample, in order, echoing ids.
         response = self.admission.response()
@@ -184,6 +210,28 @@ class RewardDeployment:
             else:
                 response.results.append(_output_result(sample.id, out))
         return self.admission.finish(response)
+
+    async def _decode_in_parallel(self, samples, views) -> list[tuple[Any, str] | SampleFailure]:
+        """`decode_samples` over slices of the request on the decode threads (PIL releases the GIL while it
+        decodes), so a request of JPEG/PNG files uses every core the replica has."""
+        args, loop = self.args, asyncio.get_running_loop()
+        views = views if views is not None and len(views) == len(samples) else [None] * len(samples)
+        n = min(len(samples), self._decode_threads)
+        bounds = [len(samples) * k // n for k in range(n + 1)]
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    self._decode_pool,
+                    decode_samples,
+                    samples[a:b],
+                    args.max_image_pixels,
+                    args.max_prompt_chars,
+                    views[a:b],
+                )
+                for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+            )
+        )
+        return [d for part in parts for d in part]
 
     async def Describe(
         self, request: reward_pb2.DescribeRequest, grpc_context: RayServegRPCContext | None = None
@@ -203,14 +251,16 @@ class RewardDeployment:
 
     # --- scoring ------------------------------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _score_batch(self, items: list[tuple[Any, str]]) -> list[RewardOutput | SampleFailure]:
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=lambda chunks: sum(map(len, chunks)))
+    async def _score_batch(self, chunks: list[list[tuple[Any, str]]]) -> list[list[RewardOutput | SampleFailure]]:
+        items = [item for chunk in chunks for item in chunk]
         self.metrics.batch_size.observe(len(items))
         start = time.perf_counter()
         # The model runs in a worker thread so the event loop keeps accepting requests and filling the next batch.
         outputs = await asyncio.to_thread(self.score_isolating, items)
         self.metrics.model_latency.observe(time.perf_counter() - start)
-        return outputs
+        it = iter(outputs)
+        return [[next(it) for _ in chunk] for chunk in chunks]
 
     def score_isolating(self, items: list[tuple[Any, str]]) -> list[RewardOutput | SampleFailure]:
         """Scores a batch; if the reward raises, rescore one by one so only the offending samples fail."""

@@ -47,6 +47,20 @@ def test_scores_match_in_process_and_keep_order_and_ids(stub, rng):
     assert set(response.results[0].components) == {"jpeg_kb"}
 
 
+def test_a_request_over_the_batch_size_is_scored_in_chunks_in_order(stub, rng):
+    """70 samples against max_batch_size 32: three chunks (32, 32, 6), with a bad sample and PNGs among them."""
+    images = random_images(rng, 70, size=16)
+    samples = [_raw(img, sample_id=str(i)) for i, img in enumerate(images)]
+    for i in (5, 40):  # encoded samples decode on the decode threads, the rest stay views of the request
+        samples[i] = reward_pb2.Sample(id=str(i), prompt="p", encoded=encode_image(images[i], "PNG"))
+    samples[33] = reward_pb2.Sample(id="33", prompt="p", raw=reward_pb2.RawImage(height=16, width=16, data=b"x"))
+    results = _score(stub, samples).results
+    assert [r.id for r in results] == [str(i) for i in range(70)]
+    assert results[33].error.code == reward_pb2.INVALID_IMAGE
+    expected = _in_process(images)
+    assert [r.reward for i, r in enumerate(results) if i != 33] == [v for i, v in enumerate(expected) if i != 33]
+
+
 def test_encoded_transports_give_the_same_score_as_raw(stub, rng):
     (image,) = random_images(rng, 1)
     png = reward_pb2.Sample(id="png", prompt="p", encoded=encode_image(image, "PNG"))

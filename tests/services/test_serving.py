@@ -110,3 +110,13 @@ def test_admission_rejects_before_parsing_and_parses_bytes_once_admitted():
     assert garbage.code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid reward.v1.ScoreRequest" in garbage.details
     admitted = _Context([bearer, ("application", "app")])
     assert admission.score_request(request.SerializeToString(), admitted) == request and admitted.code is None
+
+
+def test_the_byte_limit_counts_samples_whether_the_request_came_as_bytes_or_parsed():
+    dep = _deployment(reward="jpeg_compressibility", max_request_bytes=100)
+    sample = reward_pb2.Sample(prompt="p", encoded=b"x" * 57)  # 62 bytes serialized
+    for samples, over in (([sample], False), ([sample] * 2, True)):
+        wire = reward_pb2.ScoreRequest(samples=samples).SerializeToString()
+        parsed = dep.admission.score_request(wire, None)
+        assert isinstance(parsed, reward_pb2.ScoreResponse) == over
+        assert (dep.admission.request_problem(reward_pb2.ScoreRequest(samples=samples)) is not None) == over
