@@ -386,6 +386,10 @@ class RewardClient:
         self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
     ) -> list[SampleResult]:
         """Async `score`: the same results, without blocking the event loop."""
+        if self.discover_limits and self._server_limits is None:
+            self._set_server_limits(await self.adescribe())
+        # Framed samples reference the caller's pixels until `plan` copies them into requests: framing after the
+        # limits are known leaves no await in between, so no other coroutine can change them meanwhile.
         return await self.ascore_samples(self.frame_samples(images, prompts, ids))
 
     async def adescribe(self) -> reward_pb2.DescribeResponse:
