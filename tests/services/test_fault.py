@@ -1,8 +1,12 @@
-"""A reward replica killed under load: Serve replaces it, and the client's retries answer every sample.
+"""A reward replica killed under load: Serve replaces it, and every sample is still answered.
 
 The test deploys its own two-replica application on the session fleet's proxy (the shared applications' replicas
 are left alone), kills one replica with `ray.kill` while four clients score continuously, and checks that every
-call returned every sample with its exact in-process score.
+call returned every sample with its exact in-process score. Two layers recover the requests the victim held: Ray
+2.60's router re-sends a request to another replica when the chosen one dies before accepting it, and a request the
+victim had accepted fails INTERNAL, which the client retries. Which layer answers depends on where the kill lands
+(one run of the suite saw no client retry at all), so the test asserts that calls were in flight across the kill,
+not which layer answered them.
 """
 
 import threading
@@ -70,6 +74,7 @@ def test_a_killed_replica_loses_no_sample(fault_app):
 
     stop = threading.Event()
     answered: list[list[float]] = []  # the rewards of each successful call
+    spans: list[tuple[float, float]] = []  # (start, end) of each successful call, monotonic
     failures: list[str] = []
     retries: list[int] = []
 
@@ -77,11 +82,13 @@ def test_a_killed_replica_loses_no_sample(fault_app):
         # 8 images in requests of 2, two in flight: each call is 4 requests, all of them retried on their own.
         with RewardClient(fault_app, APP, max_samples_per_request=2, max_in_flight=2, max_retries=10) as client:
             while not stop.is_set():
+                start = time.monotonic()
                 try:
                     results = client.score(images, "a red cube")
                 except Exception as e:  # a lost call: recorded and asserted on below
                     failures.append(repr(e))
                     continue
+                spans.append((start, time.monotonic()))
                 answered.append([r.reward if r.ok else r.error_code for r in results])
             retries.append(client.stats.retries)
 
@@ -93,6 +100,7 @@ def test_a_killed_replica_loses_no_sample(fault_app):
         before = _replicas(APP)
         assert list(before.values()) == ["RUNNING", "RUNNING"]
         victim = sorted(before)[0]
+        killed_at = time.monotonic()
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
 
         # Serve replaces it; clients keep scoring through the gap and for a while after the replacement.
@@ -110,6 +118,7 @@ def test_a_killed_replica_loses_no_sample(fault_app):
 
     assert failures == []
     assert all(rewards == expected for rewards in answered), "a sample came back with an error or a wrong score"
-    # Retries prove the kill hit requests in flight (the server answers them INTERNAL: actor died), and that
-    # the client answered them again instead of losing them.
-    assert sum(retries) > 0
+    # The kill landed on calls in flight (8 requests in flight, each waiting up to 0.25 s in a batch), and those
+    # calls were answered in full: by Serve re-routing them or by the client's retries (counted here: `retries`).
+    assert any(start < killed_at < end for start, end in spans), "no call was in flight across the kill"
+    print(f"\nclient retries after the kill: {sum(retries)}")
