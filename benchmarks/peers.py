@@ -14,6 +14,10 @@ requests of `--batch` images kept in flight by as many client threads, for `--se
 - `serve`: rewardfleet as the local profile runs it: `RewardClient.score` over gRPC through Serve's proxy.
 - `direct`: rewardfleet with Serve's direct ingress (`RAY_SERVE_ENABLE_DIRECT_INGRESS=1`): the replica runs the gRPC
   server itself and the client calls its port (40000, the first of Serve's range).
+- `serve_resized`, `direct_resized`: `serve` and `direct` with `RewardClient(resize_to_input=True)`: the client
+  resizes to the input resolution the reward declares (CLIP and BLIP-2 rewards) before sending. With
+  `--reward clip_score --clip-size 224`, clip_score serves the tiny seeded CLIP with a 224 px processor (a stand-in for
+  a GPU-fast CLIP: the wire dominates), so 512 px images go as 224 px, as for the real rewards.
 - `haproxy`: Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`, which implies direct ingress), with HTTP/2
   frames and windows sized for 25 MB requests (`--haproxy-untuned` keeps Ray's defaults).
 
@@ -47,7 +51,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from benchmarks.serving import make_images, pct  # noqa: E402
 
-ALL_CASES = ("inprocess", "pickle", "json", "serve", "direct", "haproxy")
+ALL_CASES = ("inprocess", "pickle", "json", "serve", "direct", "serve_resized", "direct_resized", "haproxy")
 # HAProxy tuned for large gRPC messages: 128 KB HTTP/2 frames (Ray's default 16 KB) in 256 KB buffers, 8 MB flow
 # control windows (64 KB), one thread (4) on a 2-core machine.
 HAPROXY_TUNED = {
@@ -63,11 +67,11 @@ DIRECT_PORT = 40000
 # --- the peer-style server -------------------------------------------------------------------------------------
 
 
-def serve_peer(codec: str, port: int, reward_name: str) -> None:
+def serve_peer(codec: str, port: int, reward_name: str, reward_config: dict) -> None:
     """A reward server as the peers write it: one process, HTTP POST, the whole batch in one body."""
     from services.registry import build_reward
 
-    reward = build_reward(reward_name)
+    reward = build_reward(reward_name, reward_config or None)
     reward.load("cpu")
 
     class Handler(BaseHTTPRequestHandler):
@@ -112,7 +116,7 @@ def peer_body(codec: str, images: list[np.ndarray], prompts: list[str]) -> bytes
 # --- a rewardfleet server ----------------------------------------------------------------------------------------
 
 
-def serve_fleet(port: int, app: str, replicas: int) -> None:
+def serve_fleet(port: int, app: str, replicas: int, reward_config: dict) -> None:
     """The local profile's `app` alone, with `replicas` replicas (environment variables set by the parent choose the
     ingress)."""
     from deploy.fleet import LOCAL_PROFILE, load_serve_config, start_fleet, stop_fleet
@@ -121,6 +125,7 @@ def serve_fleet(port: int, app: str, replicas: int) -> None:
     config = load_serve_config(LOCAL_PROFILE, grpc_port=port, http_port=port + 1)
     config["applications"] = [a for a in config["applications"] if a["name"] == app]
     config["applications"][0]["deployments"][0]["num_replicas"] = replicas
+    config["applications"][0]["args"].setdefault("reward_config", {}).update(reward_config)
     start_fleet(config, num_cpus=4)
     print("READY", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -224,12 +229,13 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
     if case == "inprocess":
         from services.registry import build_reward
 
-        reward = build_reward(args.reward)
+        reward = build_reward(args.reward, args.reward_config or None)
         reward.load("cpu")
         return measure(lambda: reward.score(images, prompts), args.seconds, 1, args.batch, process_roles(None))
 
     if case in ("pickle", "json"):
-        proc = start_server(["--peer", case, "--port", str(port), "--reward", args.reward], {})
+        server_args = ["--peer", case, "--port", str(port), "--reward", args.reward]
+        proc = start_server([*server_args, "--reward-config", json.dumps(args.reward_config)], {})
         local = threading.local()  # one keep-alive connection per client thread
 
         def call():
@@ -248,7 +254,7 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
 
         env = {"RAY_AUTH_MODE": "disabled"}
         target, options = f"127.0.0.1:{port}", []
-        if case == "direct":
+        if case.startswith("direct"):
             env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
             # Each replica listens on its own port, from the first of Serve's range up: the client spreads its
             # calls over them (gRPC's round_robin over a list of addresses).
@@ -259,10 +265,18 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
             if not args.haproxy_untuned:
                 env.update(HAPROXY_TUNED)
         server_args = ["--fleet", "--port", str(port), "--reward", args.reward, "--replicas", str(args.replicas)]
-        proc = start_server(server_args, env)
+        proc = start_server([*server_args, "--reward-config", json.dumps(args.reward_config)], env)
         client = RewardClient(
-            target, args.reward, max_samples_per_request=args.batch, max_in_flight=1, channel_options=options
+            target,
+            args.reward,
+            max_samples_per_request=args.batch,
+            max_in_flight=1,
+            channel_options=options,
+            resize_to_input=case.endswith("_resized"),
         )
+        client.score(images[:1], prompts[:1])  # Describe (limits, input resolution) before the clock starts
+        if case.endswith("_resized") and client.input_resolution is None:
+            raise SystemExit(f"{case}: {args.reward} declares no input resolution (or other torch/torchvision)")
 
         def call():
             results = client.score(images, prompts)
@@ -272,6 +286,16 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
         return measure(call, args.seconds, args.in_flight, args.batch, process_roles(proc.pid))
     finally:
         stop_server(proc)
+
+
+def tiny_clip_dir(size: int) -> Path:
+    """The tiny seeded CLIP (`trainer.local_models.tiny.tiny_clip`) with a `size` px processor, saved once."""
+    from trainer.local_models.tiny import save_pretrained, tiny_clip
+
+    path = ROOT / "runs" / f"bench_tiny_clip_{size}"
+    if not (path / "config.json").exists():
+        save_pretrained(path, *tiny_clip(image_size=size))
+    return path
 
 
 def main() -> None:
@@ -285,13 +309,21 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9500, help="first port for the servers")
     parser.add_argument("--replicas", type=int, default=1, help="replicas of the rewardfleet application")
     parser.add_argument("--haproxy-untuned", action="store_true", help="Ray's default HAProxy settings")
+    parser.add_argument(
+        "--clip-size", type=int, help="clip_score: serve the tiny seeded CLIP with a processor of this many pixels"
+    )
+    parser.add_argument("--reward-config", type=json.loads, default={}, help=argparse.SUPPRESS)
     parser.add_argument("--peer", choices=["pickle", "json"], help=argparse.SUPPRESS)  # runs a peer server
     parser.add_argument("--fleet", action="store_true", help=argparse.SUPPRESS)  # runs a rewardfleet server
     args = parser.parse_args()
     if args.peer:
-        return serve_peer(args.peer, args.port, args.reward)
+        return serve_peer(args.peer, args.port, args.reward, args.reward_config)
     if args.fleet:
-        return serve_fleet(args.port, args.reward, args.replicas)
+        return serve_fleet(args.port, args.reward, args.replicas, args.reward_config)
+    if args.clip_size:
+        if args.reward != "clip_score":
+            parser.error("--clip-size is for --reward clip_score")
+        args.reward_config = {"clip": str(tiny_clip_dir(args.clip_size))}
 
     cases = args.cases.split(",")
     unknown = sorted(set(cases) - set(ALL_CASES))
@@ -308,12 +340,14 @@ def main() -> None:
         # Ports of their own per case: a stopped server's sockets may linger a moment.
         rows[case] = run_case(case, args.port + 10 * n, args, images, prompts)
 
+    model = f" (tiny CLIP, {args.clip_size} px input)" if args.clip_size else ""
     print(
-        f"\n{args.reward}, {args.batch} raw {args.size}x{args.size} images per request, {args.in_flight} in flight, "
-        f"{args.seconds:.0f} s per case, {os.cpu_count()} cores; load average at the end {os.getloadavg()[0]:.2f}"
+        f"\n{args.reward}{model}, {args.batch} raw {args.size}x{args.size} images per request, "
+        f"{args.in_flight} in flight, {args.seconds:.0f} s per case, {os.cpu_count()} cores; "
+        f"load average at the end {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'case':<10} {'images/s':>9} {'x inproc':>9} {'x pickle':>9} {'p50 ms':>8} {'p99 ms':>8}   "
+        f"{'case':<14} {'images/s':>9} {'x inproc':>9} {'x pickle':>9} {'p50 ms':>8} {'p99 ms':>8}   "
         f"CPU ms per image: {'client':>6} {'ingress':>7} {'replica':>7} {'other':>6}"
     )
     base = rows.get("inprocess", {}).get("images_s")
@@ -323,10 +357,10 @@ def main() -> None:
         ratio_peer = f"{r['images_s'] / peer:.2f}" if peer else "-"
         c = r["cpu"]
         print(
-            f"{case:<10} {r['images_s']:>9.1f} {ratio_in:>9} {ratio_peer:>9} {r['p50']:>8.1f} {r['p99']:>8.1f}   "
+            f"{case:<14} {r['images_s']:>9.1f} {ratio_in:>9} {ratio_peer:>9} {r['p50']:>8.1f} {r['p99']:>8.1f}   "
             f"{'':17} {c['client']:>6.2f} {c['ingress']:>7.2f} {c['replica']:>7.2f} {c['other']:>6.2f}"
         )
-    served = {c: rows[c]["images_s"] for c in ("serve", "direct", "haproxy") if c in rows}
+    served = {c: rows[c]["images_s"] for c in ALL_CASES[3:] if c in rows}
     if served and peer:
         best = max(served, key=served.get)
         print(f"\nbest served ({best}) / peer pickle server: {served[best] / peer:.2f}x   (goal >= 1.5)")

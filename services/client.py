@@ -11,11 +11,15 @@
   died under the request, are retried with jittered exponential backoff (`services.retries`: one policy for the sync
   and the async API).
 - `token=` sends `authorization: Bearer <token>` for applications that require one (`auth_token_env`).
+- `resize_to_input=True` resizes images on the client as the reward would (to the `input_resolution` its `Describe`
+  declares, e.g. 512 x 512 to 224 x 224 for CLIP rewards), when that makes them smaller: fewer bytes on the wire,
+  scores bit-identical (`services.resolution`). Only raw and PNG transports, and only where the reward declares one
+  and this process has the server's torch and torchvision versions; otherwise images go at full size.
 - Results come back one per sample, in input order: scored, or with the sample's error. A sample too large to send
   at all gets a NOT_SENT error. A call that still fails after its retries raises `RewardServiceError`: the caller
   never sees a silent zero.
 
-Importing this module is cheap (grpc, tenacity, numpy, PIL; no torch).
+Importing this module is cheap (grpc, tenacity, numpy, PIL; no torch: `resize_to_input` imports it when used).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +38,7 @@ import tenacity
 
 from protos.reward.v1 import reward_pb2
 from services.codec import encode_image, to_hwc_uint8
+from services.resolution import InputResolution, local_implementation, resize
 from services.retries import retry_policy
 from services.reward import SegmentScore
 from services.wire import FramedSample, frame_sample
@@ -94,6 +100,8 @@ class ClientStats:
     # Calls retried (see `services.retries.is_retryable`).
     retries: int = 0
     samples: int = 0
+    # Images resized on the client before sending (`resize_to_input`).
+    resized: int = 0
 
 
 def _split_images(images: Any) -> list[Any]:
@@ -155,6 +163,7 @@ class RewardClient:
         credentials: grpc.ChannelCredentials | None = None,
         discover_limits: bool = True,
         channel_options: Sequence[tuple[str, Any]] = (),
+        resize_to_input: bool = False,
     ):
         if max_samples_per_request < 1 or max_in_flight < 1 or max_request_bytes < 1:
             raise ValueError("max_samples_per_request, max_request_bytes and max_in_flight must be >= 1")
@@ -173,6 +182,10 @@ class RewardClient:
         # Ask the server (Describe, once) for its limits and stay under them as well as under ours.
         self.discover_limits = discover_limits
         self._server_limits: tuple[int, int] | None = None
+        # Resize as the reward does before sending (module docstring); the resolution comes from Describe.
+        self.resize_to_input = resize_to_input
+        self.input_resolution: InputResolution | None = None
+        self._described = False
         # TLS (e.g. grpc.ssl_channel_credentials()) when the fleet is behind a TLS-terminating proxy; None: plaintext.
         self.credentials = credentials
         # The fleet's shared token, for applications served with `auth_token_env`.
@@ -208,17 +221,35 @@ class RewardClient:
             raise ValueError(f"got {len(images)} images but {len(ids)} ids")
         return list(zip(ids, prompts, images, strict=True))
 
+    def _resized(self, image: Any) -> Any:
+        """`image` resized to the reward's input resolution where `resize_to_input` applies, else as given."""
+        resolution = self.input_resolution
+        # JPEG/WebP would re-encode lossily: the server's pixels would not be the resized ones.
+        lossless = self.image_format in ("raw", "png")
+        if resolution is None or not lossless or isinstance(image, bytes | bytearray | memoryview):
+            return image
+        array = to_hwc_uint8(image)  # (H, W, 3) uint8
+        out = resize(array, resolution)
+        self.stats.resized += out is not array
+        return out
+
     def make_samples(
         self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
     ) -> list[reward_pb2.Sample]:
-        """`reward.v1.Sample` messages for `images` (see `_inputs`), for callers that build requests themselves."""
-        return [make_sample(i, p, x, self.image_format) for i, p, x in self._inputs(images, prompts, ids)]
+        """`reward.v1.Sample` messages for `images` (see `_inputs`), for callers that build requests themselves;
+        resized with `resize_to_input` once the client knows the reward's resolution (`describe`)."""
+        return [
+            make_sample(i, p, self._resized(x), self.image_format) for i, p, x in self._inputs(images, prompts, ids)
+        ]
 
     def frame_samples(
         self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
     ) -> list[FramedSample]:
         """The samples `score` sends, in wire form (`services.wire`); `score_samples` takes them as they are."""
-        return [frame_image_sample(i, p, x, self.image_format) for i, p, x in self._inputs(images, prompts, ids)]
+        return [
+            frame_image_sample(i, p, self._resized(x), self.image_format)
+            for i, p, x in self._inputs(images, prompts, ids)
+        ]
 
     def plan(self, samples: Sequence[reward_pb2.Sample | FramedSample]) -> tuple[list[bytes], list[int], list[Any]]:
         """Splits samples into serialized requests under the limits, keeping order.
@@ -278,8 +309,26 @@ class RewardClient:
         self.stats.samples += len(out)
         return out
 
+    def _needs_describe(self) -> bool:
+        return (self.discover_limits or self.resize_to_input) and not self._described
+
     def _set_server_limits(self, info: reward_pb2.DescribeResponse) -> None:
-        self._server_limits = (info.max_samples_per_request or 2**31, info.max_request_bytes or 2**62)
+        """Takes what the client needs from the server's Describe: its request limits, its input resolution."""
+        self._described = True
+        if self.discover_limits:
+            self._server_limits = (info.max_samples_per_request or 2**31, info.max_request_bytes or 2**62)
+        if self.resize_to_input and info.HasField("input_resolution"):
+            resolution = InputResolution.from_proto(info.input_resolution)
+            local = local_implementation()
+            if resolution.implementation == local:
+                self.input_resolution = resolution
+            else:
+                # Another torch or torchvision may resize differently in the last bit: full size keeps scores exact.
+                warnings.warn(
+                    f"{self.application}: not resizing on the client: the server resizes with "
+                    f"{resolution.implementation}, this process has {local}",
+                    stacklevel=3,
+                )
 
     def _count_retry(self, _retry_state) -> None:
         self.stats.retries += 1
@@ -331,7 +380,7 @@ class RewardClient:
 
     def score_samples(self, samples: Sequence[reward_pb2.Sample | FramedSample]) -> list[SampleResult]:
         """Scores prepared samples; see `score`."""
-        if self.discover_limits and self._server_limits is None:
+        if self._needs_describe():
             self._set_server_limits(self.describe())
         requests, counts, slots = self.plan(samples)
         _, pool = self._sync()
@@ -340,6 +389,8 @@ class RewardClient:
 
     def score(self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None) -> list[SampleResult]:
         """Scores images against prompts; one result per image, in order."""
+        if self._needs_describe():
+            self._set_server_limits(self.describe())
         return self.score_samples(self.frame_samples(images, prompts, ids))
 
     def describe(self) -> reward_pb2.DescribeResponse:
@@ -370,7 +421,7 @@ class RewardClient:
 
     async def ascore_samples(self, samples: Sequence[reward_pb2.Sample | FramedSample]) -> list[SampleResult]:
         """Scores prepared samples; see `ascore`."""
-        if self.discover_limits and self._server_limits is None:
+        if self._needs_describe():
             self._set_server_limits(await self.adescribe())
         requests, counts, slots = self.plan(samples)
         window = asyncio.Semaphore(self.max_in_flight)
@@ -386,7 +437,7 @@ class RewardClient:
         self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None
     ) -> list[SampleResult]:
         """Async `score`: the same results, without blocking the event loop."""
-        if self.discover_limits and self._server_limits is None:
+        if self._needs_describe():
             self._set_server_limits(await self.adescribe())
         # Framed samples reference the caller's pixels until `plan` copies them into requests: framing after the
         # limits are known leaves no await in between, so no other coroutine can change them meanwhile.

@@ -17,6 +17,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from services.resolution import InputResolution
+
 # Hugging Face image processors wrap their input with torch.from_numpy, which warns once per process about read-only
 # arrays (the canonical images above) although the processors only read them and write their own float tensors.
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
@@ -83,6 +85,9 @@ class RewardInfo:
     models: tuple[ModelSource, ...] = ()
     # Options accepted in ScoreRequest.options: name -> description.
     options: tuple[tuple[str, str], ...] = ()
+    # The resize the reward applies first, declared only where a client resizing instead leaves every score
+    # bit-identical (`services.resolution`); None otherwise.
+    input_resolution: InputResolution | None = None
 
 
 class Reward(abc.ABC):

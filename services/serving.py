@@ -247,6 +247,7 @@ class RewardDeployment:
             max_batch_size=self.args.max_batch_size,
             options=[reward_pb2.OptionInfo(name=n, description=d) for n, d in info.options],
             config_json=json.dumps(to_dict(self.reward.config), sort_keys=True, default=str),
+            input_resolution=info.input_resolution.to_proto() if info.input_resolution else None,
         )
 
     # --- scoring ------------------------------------------------------------------------------------------------

@@ -115,6 +115,12 @@ class RewardsConfig(Config):
     image_format: Literal["raw", "png", "jpeg", "webp"] = Field(
         "raw", description="Image transport: raw pixels (no codec on the trainer's hot path) or png/jpeg/webp."
     )
+    resize_to_input: bool = Field(
+        True,
+        description="Resize images on the trainer to the input resolution a reward declares in Describe (e.g. 512 px "
+        "to 224 px for CLIP rewards) before sending: fewer bytes, bit-identical scores (services.resolution). Raw "
+        "and png only; a reward that declares none or a server on other torch/torchvision gets full size.",
+    )
     token_env: str | None = Field(
         None,
         description="Name of an environment variable holding the fleet's shared token (applications with "

@@ -38,6 +38,7 @@ class BackgroundScorer:
                 timeout_s=config.timeout_s,
                 max_retries=config.max_retries,
                 image_format=config.image_format,
+                resize_to_input=config.resize_to_input,
                 token=token,
             )
             for name in config.scored  # the optimised rewards and the monitored ones

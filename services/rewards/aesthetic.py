@@ -39,6 +39,7 @@ from pydantic import Field
 from services.clip import clip_embeddings, load_clip
 from services.config import Config
 from services.registry import register
+from services.resolution import from_processor
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
 OWNER = "aesthetic reward"
@@ -204,4 +205,6 @@ class Aesthetic(Reward):
             min_reward=self.range[0],
             max_reward=self.range[1],
             models=(ModelSource("clip", self.config.clip), ModelSource("head", self.config.head)),
+            # The processor is the only reader of the images: a client may resize as it does.
+            input_resolution=from_processor(self.processor),
         )

@@ -26,6 +26,7 @@ from pydantic import Field
 from services.clip import clip_embeddings, load_clip
 from services.config import Config, from_dict, to_dict
 from services.registry import register
+from services.resolution import from_processor
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
 MODEL_FILE = "alignment_reward.json"
@@ -180,4 +181,6 @@ class Alignment(Reward):
             min_reward=0.0,
             max_reward=1.0,
             models=(ModelSource("clip", self.clip_source), ModelSource("head", self.config.model_dir)),
+            # The processor is the only reader of the images: a client may resize as it does.
+            input_resolution=from_processor(self.processor),
         )

@@ -26,6 +26,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from services.config import Config
 from services.models import load_pretrained
 from services.registry import register
+from services.resolution import from_processor
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
 OWNER = "caption reward"
@@ -219,4 +220,6 @@ class Caption(Reward):
                     f"text_encoder:{cfg.text_encoder.kind}", cfg.text_encoder.source, cfg.text_encoder.revision or ""
                 ),
             ),
+            # The processor is the only reader of the images: a client may resize as it does.
+            input_resolution=from_processor(self.processor),
         )

@@ -21,6 +21,7 @@ from pydantic import Field
 from services.clip import clip_cosines, load_clip
 from services.config import Config
 from services.registry import register
+from services.resolution import from_processor
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
 
@@ -68,4 +69,6 @@ class ClipScore(Reward):
             min_reward=0.0,
             max_reward=self.config.scale,
             models=(ModelSource("clip", self.config.clip, self.config.revision or ""),),
+            # The processor is the only reader of the images: a client may resize as it does.
+            input_resolution=from_processor(self.processor),
         )

@@ -52,6 +52,7 @@ from services.clip import clip_cosines
 from services.config import Config
 from services.models import load_pretrained
 from services.registry import register
+from services.resolution import from_processor
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
 OWNER = "hpsv2 reward"
@@ -165,4 +166,6 @@ class Hpsv2(Reward):
                 ModelSource("hps_checkpoint", self.config.checkpoint),
                 ModelSource("clip", self.config.clip_config),
             ),
+            # The processor is the only reader of the images: a client may resize as it does.
+            input_resolution=from_processor(self.processor),
         )

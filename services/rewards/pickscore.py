@@ -21,6 +21,7 @@ from services.clip import clip_cosines
 from services.config import Config
 from services.models import load_pretrained
 from services.registry import register
+from services.resolution import from_processor
 from services.reward import ModelSource, Reward, RewardInfo, RewardOutput
 
 OWNER = "pickscore reward"
@@ -82,4 +83,6 @@ class PickScore(Reward):
                 ModelSource("clip", self.config.model, self.config.revision or ""),
                 ModelSource("processor", self.config.processor),
             ),
+            # The processor is the only reader of the images: a client may resize as it does.
+            input_resolution=from_processor(self.processor),
         )

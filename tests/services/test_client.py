@@ -123,6 +123,43 @@ def test_describe_through_the_client(fleet):
     assert client.describe().name == "jpeg_compressibility"
 
 
+@pytest.mark.parametrize("app", ["clip_score", "caption"])
+def test_resize_to_input_sends_fewer_bytes_for_the_same_scores(fleet, rng, app):
+    """The local profile's CLIP and BLIP-2 read 32 px images: 96 x 128 go as 32 x 42 and 32 x 32, scored the same."""
+    images = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(5)]
+    images.append(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))  # smaller than the model's input: sent as is
+    plain = RewardClient(fleet.grpc_target, app)
+    resizing = RewardClient(fleet.grpc_target, app, resize_to_input=True, discover_limits=False)
+    want, got = plain.score(images, "a red cube"), resizing.score(images, "a red cube")
+    assert resizing.input_resolution is not None and resizing.stats.resized == 5 and plain.stats.resized == 0
+    assert all(r.ok for r in got)
+    assert [r.reward for r in got] == [r.reward for r in want]
+    assert [r.caption for r in got] == [r.caption for r in want]
+    sent = [sum(s.size for s in c.frame_samples(images, "a red cube")) for c in (plain, resizing)]
+    assert sent[1] * 4 < sent[0]
+
+
+def test_resize_to_input_keeps_full_size_for_a_reward_that_reads_every_pixel(fleet, rng):
+    images = random_images(rng, 3, size=128)
+    client = RewardClient(fleet.grpc_target, "jpeg_compressibility", resize_to_input=True)
+    assert not client.describe().HasField("input_resolution")
+    assert [r.reward for r in client.score(images, "p")] == _in_process(images)
+    assert client.input_resolution is None and client.stats.resized == 0
+
+
+def test_resize_to_input_sends_full_size_to_a_server_with_another_torch(rng):
+    from protos.reward.v1 import reward_pb2
+    from services.resolution import InputResolution
+
+    other = InputResolution(shortest_edge=8, implementation="torch==0.0 torchvision==0.0")
+    client = RewardClient("127.0.0.1:1", "clip_score", resize_to_input=True)
+    with pytest.warns(UserWarning, match="not resizing on the client: the server resizes with torch==0.0"):
+        client._set_server_limits(reward_pb2.DescribeResponse(input_resolution=other.to_proto()))
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    assert client.input_resolution is None
+    assert client.make_samples([image], "p")[0].raw.height == 64 and client.stats.resized == 0
+
+
 def test_mismatched_inputs_are_rejected_before_sending():
     client = RewardClient("127.0.0.1:1", "jpeg_compressibility")
     with pytest.raises(ValueError, match="2 images but 3 prompts"):

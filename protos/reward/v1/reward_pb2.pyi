@@ -175,8 +175,22 @@ class OptionInfo(_message.Message):
     description: str
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...
 
+class InputResolution(_message.Message):
+    __slots__ = ("shortest_edge", "height", "width", "resample", "implementation")
+    SHORTEST_EDGE_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    RESAMPLE_FIELD_NUMBER: _ClassVar[int]
+    IMPLEMENTATION_FIELD_NUMBER: _ClassVar[int]
+    shortest_edge: int
+    height: int
+    width: int
+    resample: str
+    implementation: str
+    def __init__(self, shortest_edge: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., resample: _Optional[str] = ..., implementation: _Optional[str] = ...) -> None: ...
+
 class DescribeResponse(_message.Message):
-    __slots__ = ("name", "description", "min_reward", "max_reward", "higher_is_better", "models", "max_samples_per_request", "max_request_bytes", "max_image_pixels", "max_batch_size", "options", "config_json", "provenance")
+    __slots__ = ("name", "description", "min_reward", "max_reward", "higher_is_better", "models", "max_samples_per_request", "max_request_bytes", "max_image_pixels", "max_batch_size", "options", "config_json", "provenance", "input_resolution")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MIN_REWARD_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +204,7 @@ class DescribeResponse(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     min_reward: float
@@ -203,4 +218,5 @@ class DescribeResponse(_message.Message):
     options: _containers.RepeatedCompositeFieldContainer[OptionInfo]
     config_json: str
     provenance: Provenance
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., min_reward: _Optional[float] = ..., max_reward: _Optional[float] = ..., higher_is_better: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_samples_per_request: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., config_json: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ...) -> None: ...
+    input_resolution: InputResolution
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., min_reward: _Optional[float] = ..., max_reward: _Optional[float] = ..., higher_is_better: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_samples_per_request: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., config_json: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., input_resolution: _Optional[_Union[InputResolution, _Mapping]] = ...) -> None: ...
