@@ -4,10 +4,13 @@ For each (prompt, labels) request, `LikelihoodScorer.score` returns {label: like
 1 = the LLM is certain the object belongs in the scene, 0.5 = it may appear, 0 = unlikely. Two modes, on the same
 causal LM (Vicuna-7B v1.5 in the cluster profile, a tiny seeded Llama in tests):
 
-- "likelihood" (ours, the default): one question per (prompt, label) in `LIKELIHOOD_TEMPLATE`, whose assistant reply is
-  prefilled up to the rating digit. The next-token probabilities of "1", "2", "3", renormalised over those three, give
-  likelihood = P(3) + 0.5 * P(2), the expectation of the rating mapping (r - 1) / 2. One batched forward pass, no
-  sampling: deterministic, and a pair's value does not depend on the other pairs of the call (to float tolerance).
+- "likelihood" (ours, the default): one question per (prompt, label) in `LIKELIHOOD_TEMPLATE`, which names the label
+  last and whose assistant reply is prefilled up to the rating digit. The next-token probabilities of "1", "2", "3",
+  renormalised over those three, give likelihood = P(3) + 0.5 * P(2), the expectation of the rating mapping
+  (r - 1) / 2. No sampling: deterministic, and a pair's value does not depend on the other pairs of the call, their
+  order or the batch size (to float tolerance). Everything before the label is one prefix per prompt, tokenized and
+  (transformers backend, `share_prefix`) run once per prompt; each label adds a short suffix run against that
+  prefix's KV cache. On vLLM, its prefix caching shares the prefix.
 - "rating" (the paper's released protocol): one generated reply per request, rating every label as `tag:score`
   (3 certain / 2 may appear / 1 unlikely), sampled at temperature 0.7 for up to 512 tokens and parsed with
   `parse_ratings`; likelihood = (rating - 1) / 2. A reply that misses a label is a `SampleFailure`. Kept so the two
@@ -28,7 +31,7 @@ from pydantic import Field
 
 from services import llm_transformers
 from services.config import Config
-from services.llm_prompts import likelihood_text, prompt_ids, rating_text, rating_token_ids, ratings_from_reply
+from services.llm_prompts import likelihood_inputs, prompt_ids, rating_text, ratings_from_reply
 from services.reward import SampleFailure
 
 
@@ -56,6 +59,11 @@ class LLMConfig(Config):
         ge=1,
         description="Most sequences per forward pass (likelihood) / per generate call (rating); transformers backend "
         "only, vLLM schedules its own batches.",
+    )
+    share_prefix: bool = Field(
+        True,
+        description="Likelihood mode, transformers backend: run each prompt's question prefix once and the labels' "
+        "suffixes against its KV cache (False: every pair's whole question in its own row, the reference path).",
     )
     rating_temperature: float = Field(0.7, gt=0, description="Rating mode: the sampling temperature (the paper: 0.7).")
     rating_max_new_tokens: int = Field(
@@ -134,16 +142,18 @@ class LikelihoodScorer:
         """Likelihood mode for (prompt, label) pairs: P(3) + 0.5 * P(2), the ratings' probabilities renormalised."""
         if not pairs:
             return []
-        items = rating_token_ids(self.tokenizer, [likelihood_text(p, label) for p, label in pairs])
+        inputs = likelihood_inputs(self.tokenizer, pairs)
         if self.llm is not None:
             from services import llm_vllm
 
-            logits = llm_vllm.rating_logprobs(self.llm, items)  # (N, 3)
+            logits = llm_vllm.rating_logprobs(self.llm, inputs)  # (N, 3)
         else:
-            batch_size = self.config.batch_size
-            logits = llm_transformers.rating_logits(
-                self.model, self.tokenizer, items, batch_size, self.device
-            )  # (N, 3)
+            rating_logits = (
+                llm_transformers.shared_prefix_rating_logits
+                if self.config.share_prefix
+                else llm_transformers.full_rating_logits
+            )
+            logits = rating_logits(self.model, self.tokenizer, inputs, self.config.batch_size, self.device)  # (N, 3)
         # Logits or full-vocabulary log-probabilities: a softmax over the three renormalises either.
         probs = logits.float().softmax(-1)
         return (probs[:, 2] + 0.5 * probs[:, 1]).tolist()

@@ -1,8 +1,10 @@
 """The LLM scorer's transformers backend (CPU and GPU): loading, rating-token logits, seeded rating-mode replies.
 
 Sequences are left-padded and grouped by length, with position ids that count real tokens only, so a sequence's
-values do not depend on the other sequences of its batch (to float tolerance). torch and transformers are imported
-inside the functions.
+values do not depend on the other sequences of its batch (to float tolerance). Likelihood mode runs each prompt's
+shared question prefix once and its labels' suffixes against that prefix's KV cache
+(`shared_prefix_rating_logits`); `full_rating_logits` runs every whole question, the reference. torch and
+transformers are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from services.models import load_error, load_pretrained, resolve_model_source
 if TYPE_CHECKING:
     import torch
 
+    from services.llm_prompts import LikelihoodInputs
     from services.llm_scorer import LLMConfig
 
 OWNER = "llm scorer"
@@ -78,23 +81,87 @@ def _pad_left(seqs: Sequence[Sequence[int]], pad: int, device):
     return ids, mask
 
 
-def rating_logits(model, tokenizer, items, batch_size: int, device) -> torch.Tensor:
-    """Next-token logits of the three rating tokens after each context of `items` (`rating_token_ids`), (N, 3)."""
+def _positions(mask):
+    """Position ids counting real tokens only, so left padding does not shift a sequence's rotary positions."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def full_rating_logits(model, tokenizer, inputs: LikelihoodInputs, batch_size: int, device) -> torch.Tensor:
+    """Next-token logits of the three rating tokens after each pair's whole question (prefix + suffix ids), (N, 3).
+
+    The reference for `shared_prefix_rating_logits`: every row reads its whole question.
+    """
     import torch
 
-    out = torch.empty(len(items), 3)
+    seqs = [inputs.sequence(i) for i in range(len(inputs.pairs))]
+    out = torch.empty(len(seqs), 3)
+    candidates = torch.tensor(inputs.candidates, device=device)  # (3,)
     # Similar lengths share a batch, so little is padding; values do not depend on the grouping.
-    order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        ids, mask = _pad_left([items[i][0] for i in rows], pad_id(tokenizer), device)  # (B, L)
-        # Positions count real tokens only, so left padding does not shift a sequence's rotary positions.
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+        ids, mask = _pad_left([seqs[i] for i in rows], pad_id(tokenizer), device)  # (B, L)
         with torch.inference_mode():
-            output = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1)
-        logits = output.logits[:, -1]  # (B, V)
-        candidates = torch.tensor([items[i][1] for i in rows], device=logits.device)  # (B, 3)
-        out[rows] = logits.gather(1, candidates).float().cpu()
+            output = model(
+                input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False, logits_to_keep=1
+            )
+        out[rows] = output.logits[:, -1].index_select(1, candidates.to(output.logits.device)).float().cpu()
+    return out
+
+
+def shared_prefix_rating_logits(model, tokenizer, inputs: LikelihoodInputs, batch_size: int, device) -> torch.Tensor:
+    """The logits of `full_rating_logits` (to float tolerance), each distinct prompt prefix computed once, (N, 3).
+
+    Per group of at most `batch_size` distinct prefixes (similar lengths together): one forward over the left-padded
+    prefixes keeps their KV cache; then the group's pairs, at most `batch_size` rows per forward, run their label
+    suffix (left-padded too) against their prefix's cache rows, copied (index-selected) into a fresh DynamicCache.
+    The attention mask is the prefix's mask followed by the suffix's, so neither padding is attended, and positions
+    continue from the prefix's real length: each row sees exactly the tokens and positions of its whole question.
+    Only one group's cache is held at a time.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    out = torch.empty(len(inputs.pairs), 3)
+    pad = pad_id(tokenizer)
+    candidates = torch.tensor(inputs.candidates, device=device)  # (3,)
+    pairs_of: dict[int, list[int]] = {}
+    for i, (p, _) in enumerate(inputs.pairs):
+        pairs_of.setdefault(p, []).append(i)
+    prefixes = sorted(pairs_of, key=lambda p: len(inputs.prefixes[p]))
+    with torch.inference_mode():
+        for start in range(0, len(prefixes), batch_size):
+            group = prefixes[start : start + batch_size]
+            ids, mask = _pad_left([inputs.prefixes[p] for p in group], pad, device)  # (P, Lp)
+            # logits_to_keep=1: the prefix's own logits are not needed, only its cache.
+            cache = model(
+                input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1
+            ).past_key_values
+            layers = [(layer.keys, layer.values) for layer in cache.layers]  # each (P, heads, Lp, head_dim)
+            lengths = mask.sum(-1)  # (P,): real prefix tokens
+            # (row in the group, pair index), similar suffix lengths together.
+            rows = [(g, i) for g, p in enumerate(group) for i in pairs_of[p]]
+            rows.sort(key=lambda r: len(inputs.suffixes[inputs.pairs[r[1]][1]]))
+            for s0 in range(0, len(rows), batch_size):
+                chunk = rows[s0 : s0 + batch_size]
+                select = torch.tensor([g for g, _ in chunk], device=mask.device)  # (S,): each row's prefix
+                suffixes = [inputs.suffixes[inputs.pairs[i][1]] for _, i in chunk]
+                sids, smask = _pad_left(suffixes, pad, device)  # (S, Ls)
+                # A fresh cache per suffix batch: the model appends the suffix's keys/values to it.
+                rows_kv = [(k.index_select(0, select), v.index_select(0, select)) for k, v in layers]
+                past = DynamicCache(rows_kv, config=model.config)  # each layer (S, heads, Lp, head_dim)
+                attention_mask = torch.cat([mask.index_select(0, select), smask], dim=1)  # (S, Lp + Ls)
+                position_ids = lengths.index_select(0, select)[:, None] + _positions(smask)  # (S, Ls)
+                logits = model(
+                    input_ids=sids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=past,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]  # (S, V)
+                out[[i for _, i in chunk]] = logits.index_select(1, candidates.to(logits.device)).float().cpu()
+            del cache, layers
     return out
 
 

@@ -1,5 +1,6 @@
-"""LLM likelihood scorer on tiny seeded Llamas (MiniLM's BERT tokenizer): both modes, the parser, loading, and what the
-likelihood means (a tiny Llama trained in the test on the exact question template)."""
+"""LLM likelihood scorer on tiny seeded Llamas (MiniLM's BERT tokenizer): both modes, the parser, loading, the shared
+prefix (tokenization joins, batch invariance against the whole-question path), and what the likelihood means (a tiny
+Llama trained in the test on the exact question template)."""
 
 import sys
 
@@ -7,15 +8,20 @@ import pytest
 import torch
 
 from services.llm_prompts import (
+    LIKELIHOOD_PREFIX,
     LIKELIHOOD_TEMPLATE,
+    RATINGS,
+    likelihood_inputs,
     likelihood_text,
     parse_ratings,
-    rating_token_ids,
+    rating_tokens,
     ratings_from_reply,
 )
 from services.llm_scorer import LikelihoodScorer, LLMConfig
+from services.llm_transformers import full_rating_logits, shared_prefix_rating_logits
 from services.reward import SampleFailure
 from trainer.local_models.tiny import save_tiny_models, tiny_llama
+from trainer.local_models.tokenizers import llama_tokenizer, opt_tokenizer
 
 # Prompts of different lengths, so their padding differs within a batch.
 PROMPTS = [
@@ -86,15 +92,62 @@ def test_parse_garbage_never_raises(reply):
 # --- likelihood mode ------------------------------------------------------------------------------------------------
 
 
-def test_rating_tokens_skip_the_trailing_sep(tiny):
-    tokenizer = tiny[1]
-    [(context, candidates)] = rating_token_ids(tokenizer, [likelihood_text("a cat", "cup")])
-    assert tokenizer.convert_ids_to_tokens(list(candidates)) == ["1", "2", "3"]
-    assert context[0] == tokenizer.cls_token_id and tokenizer.sep_token_id not in context
+# Labels that stress the join: several words, punctuation, digits, a leading capital, non-ASCII, an empty label.
+JOIN_LABELS = [*LABELS, "traffic light", "T-shirt", "hot-dog", "4x4 car", "Eiffel Tower", "café", "crème brûlée", ""]
+JOIN_PROMPTS = [*PROMPTS, 'a "quoted" scene: colons, commas; and 3 digits 123', "UPPER CASE SCENE", "émigré à Paris"]
 
 
-def test_rating_tokens_keep_a_sentencepiece_space_token_in_the_context():
-    """Llama's tokenizer splits " 1" into "▁" and "1": the "▁" belongs to the context, "1" is the candidate."""
+@pytest.fixture(scope="module")
+def join_tokenizers(tiny, tmp_path_factory):
+    """The tokenizers the joins are checked on: the tiny Llama's BERT WordPiece (MiniLM), a Llama/Vicuna
+    sentencepiece tokenizer (the release's settings and files, trained tiny, read by transformers' LlamaTokenizer),
+    and OPT's GPT-2 byte-level BPE (trained tiny)."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("llama_tokenizer")
+    llama_tokenizer(path)
+    return {
+        "bert": tiny[1],
+        "llama": AutoTokenizer.from_pretrained(path),
+        "gpt2": opt_tokenizer(tmp_path_factory.mktemp("opt_tokenizer")),
+    }
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "gpt2"])
+def test_prefix_plus_suffix_is_the_tokenization_of_the_whole_question(join_tokenizers, name):
+    """prefix ids + suffix ids + a rating id == the tokenizer's own ids of the whole text ending in that rating
+    (minus a trailing [SEP]), for every pair and rating: the split changes nothing the model reads."""
+    tokenizer = join_tokenizers[name]
+    pairs = [(p, label) for p in JOIN_PROMPTS for label in JOIN_LABELS]
+    inputs = likelihood_inputs(tokenizer, pairs)
+    digits = {"bert": ["1", "2", "3"], "llama": ["1", "2", "3"], "gpt2": ["Ġ1", "Ġ2", "Ġ3"]}[name]
+    assert tokenizer.convert_ids_to_tokens(list(inputs.candidates)) == digits
+    special = set(tokenizer.all_special_ids)
+    whole = tokenizer([f"{likelihood_text(p, label)} {r}" for p, label in pairs for r in RATINGS])["input_ids"]
+    for i, (p, label) in enumerate(pairs):
+        for r, candidate in enumerate(inputs.candidates):
+            expected = list(whole[3 * i + r])
+            while expected[-1] in special:
+                expected.pop()
+            assert inputs.sequence(i) + [candidate] == expected, (p, label, RATINGS[r])
+    # BOS / [CLS] begins each prefix; no special token anywhere else.
+    first = {"bert": tokenizer.cls_token_id, "llama": tokenizer.bos_token_id, "gpt2": tokenizer.bos_token_id}[name]
+    assert all(ids[0] == first and not special & set(ids[1:]) for ids in inputs.prefixes)
+    assert not special & {t for ids in inputs.suffixes for t in ids}
+
+
+def test_rating_tokens_keep_the_sentencepiece_space_before_the_digit(join_tokenizers):
+    """Llama's tokenizer splits " 1" into "▁" and "1": the "▁" ends every suffix, "1" is the candidate."""
+    tokenizer = join_tokenizers["llama"]
+    tokens = rating_tokens(tokenizer)
+    assert tokenizer.convert_ids_to_tokens(list(tokens.lead)) == ["▁"]
+    inputs = likelihood_inputs(tokenizer, [("a cat", "cup")])
+    assert tokenizer.convert_ids_to_tokens(inputs.suffixes[0]) == ["▁cup", "▁ASSISTANT", ":", "▁Rating", ":", "▁"]
+    assert rating_tokens(join_tokenizers["bert"]).lead == ()
+
+
+def test_rating_tokens_of_a_word_level_sentencepiece_like_tokenizer():
+    """A vocabulary where "Rating:" is one piece and " 1" splits into "▁" and "1" (as in Llama's)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -106,7 +159,36 @@ def test_rating_tokens_keep_a_sentencepiece_space_token_in_the_context():
     spm_like.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=spm_like, bos_token="<s>", unk_token="<unk>")
     assert tokenizer.convert_ids_to_tokens(tokenizer("Rating: 1")["input_ids"]) == ["<s>", "▁Rating:", "▁", "1"]
-    assert rating_token_ids(tokenizer, ["Rating:"]) == [([1, 6, 2], (3, 4, 5))]
+    tokens = rating_tokens(tokenizer)
+    assert (tokens.lead, tokens.candidates) == ((2,), (3, 4, 5))
+
+
+def test_each_distinct_prefix_and_suffix_is_tokenized_once(tiny):
+    """Two batched tokenizer calls per call, each text once: one for the distinct prompts' prefixes, one for the
+    distinct labels' suffixes; the rating tokens are found once per tokenizer."""
+
+    class Recording:
+        """The real tokenizer, recording what it is asked to tokenize."""
+
+        def __init__(self, tokenizer):
+            self.tokenizer, self.calls = tokenizer, []
+
+        def __call__(self, texts, **kwargs):
+            self.calls.append(list(texts))
+            return self.tokenizer(texts, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.tokenizer, name)
+
+    tokenizer = Recording(tiny[1])
+    likelihood_inputs(tokenizer, [("a cat", "cup")])  # finds the rating tokens
+    tokenizer.calls.clear()
+    pairs = [("a cat", "cup"), ("a cat", "dog"), ("a dog", "cup"), ("a dog", "dog"), ("a cat", "cup")]
+    inputs = likelihood_inputs(tokenizer, pairs)
+    assert len(tokenizer.calls) == 2 and [len(c) for c in tokenizer.calls] == [2, 2]
+    assert tokenizer.calls[0][0].startswith(LIKELIHOOD_PREFIX.format(prompt="a cat"))
+    assert len(inputs.prefixes) == 2 and len(inputs.suffixes) == 2
+    assert inputs.pairs == [(0, 0), (0, 1), (1, 0), (1, 1), (0, 0)]
 
 
 def test_likelihoods_are_in_range_and_deterministic(tiny):
@@ -131,6 +213,65 @@ def test_batched_equals_one_by_one_and_batch_composition_does_not_matter(tiny):
         torch.testing.assert_close(torch.tensor(values), torch.tensor(batched), atol=1e-5, rtol=0)
 
 
+# Shared-prefix and whole-question paths, and any two groupings of the same pairs, agree to this on probabilities: a
+# few float32 roundings of a different reduction order (batch shapes, cache copies), far below a meaningful change,
+# on any CPU (Intel or AMD kernels sum in different orders, so equality is not bitwise).
+PROB_ATOL = 1e-5
+
+
+def _probs(fn, tiny, pairs, batch_size, tokenizer=None):
+    tokenizer = tokenizer or tiny[1]
+    return fn(tiny[0], tokenizer, likelihood_inputs(tokenizer, pairs), batch_size, "cpu").softmax(-1)  # (N, 3)
+
+
+# Very different prompt lengths (1 to ~70 words), so prefixes pad very differently within a group.
+LONG_PROMPT = " ".join(["a long winding road through green hills past a small red farmhouse with a barn"] * 5)
+INVARIANCE_PROMPTS = [*PROMPTS, "x", LONG_PROMPT]
+INVARIANCE_PAIRS = [(p, label) for p in INVARIANCE_PROMPTS for label in [*LABELS, "traffic light", "T-shirt"]]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_shared_prefix_equals_the_whole_question_path(tiny, batch_size):
+    reference = _probs(full_rating_logits, tiny, INVARIANCE_PAIRS, 64)
+    shared = _probs(shared_prefix_rating_logits, tiny, INVARIANCE_PAIRS, batch_size)
+    torch.testing.assert_close(shared, reference, atol=PROB_ATOL, rtol=0)
+    assert (reference.max(0).values - reference.min(0).values > 0.01).all()  # the pairs' values differ
+
+
+def test_shared_prefix_does_not_depend_on_order_duplicates_or_the_other_prompts(tiny):
+    reference = _probs(full_rating_logits, tiny, INVARIANCE_PAIRS, 64)
+    n = len(INVARIANCE_PAIRS)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    permuted = _probs(shared_prefix_rating_logits, tiny, [INVARIANCE_PAIRS[i] for i in perm], 5)
+    torch.testing.assert_close(permuted, reference[perm], atol=PROB_ATOL, rtol=0)
+    # Each pair twice (duplicates interleaved, so they fall in different suffix batches).
+    doubled = _probs(shared_prefix_rating_logits, tiny, INVARIANCE_PAIRS + INVARIANCE_PAIRS[::-1], 7)
+    torch.testing.assert_close(doubled, torch.cat([reference, reference.flip(0)]), atol=PROB_ATOL, rtol=0)
+    # A prompt alone (the longest, the shortest): as among all the others.
+    for prompt in (LONG_PROMPT, "x"):
+        rows = [i for i, (p, _) in enumerate(INVARIANCE_PAIRS) if p == prompt]
+        for batch_size in (1, 64):
+            alone = _probs(shared_prefix_rating_logits, tiny, [INVARIANCE_PAIRS[i] for i in rows], batch_size)
+            torch.testing.assert_close(alone, reference[rows], atol=PROB_ATOL, rtol=0)
+
+
+def test_shared_prefix_with_a_sentencepiece_tokenizer_and_its_bos(tiny, join_tokenizers):
+    """The same check with the Llama tokenizer's ids (BOS, "▁" lead) through the tiny model (its ids fit the vocab)."""
+    tokenizer = join_tokenizers["llama"]
+    pairs = [(p, label) for p in JOIN_PROMPTS for label in JOIN_LABELS]
+    reference = _probs(full_rating_logits, tiny, pairs, 64, tokenizer)
+    for batch_size in (1, 3, 64):
+        shared = _probs(shared_prefix_rating_logits, tiny, pairs, batch_size, tokenizer)
+        torch.testing.assert_close(shared, reference, atol=PROB_ATOL, rtol=0)
+
+
+def test_scorer_shares_the_prefix_by_default_and_agrees_with_share_prefix_off(tiny):
+    requests = [(p, [*LABELS, "traffic light"]) for p in INVARIANCE_PROMPTS]
+    shared = _scorer(tiny, batch_size=4).score(requests)
+    full = _scorer(tiny, share_prefix=False).score(requests)
+    torch.testing.assert_close(torch.tensor(_values(shared)), torch.tensor(_values(full)), atol=PROB_ATOL, rtol=0)
+
+
 def test_duplicate_pairs_are_computed_once(tiny):
     scorer = _scorer(tiny)
     rows = []
@@ -140,7 +281,9 @@ def test_duplicate_pairs_are_computed_once(tiny):
         results = scorer.score([("a cat", ["cup", "cup", "dog"]), ("a cat", ["dog", "whale"]), ("a dog", ["cup"])])
     finally:
         hook.remove()
-    assert sum(rows) == 4  # (a cat, cup), (a cat, dog), (a cat, whale), (a dog, cup)
+    # One forward of the 2 distinct prefixes, then one of the 4 distinct pairs' label suffixes:
+    # (a cat, cup), (a cat, dog), (a cat, whale), (a dog, cup).
+    assert rows == [2, 4]
     assert [sorted(r) for r in results] == [["cup", "dog"], ["dog", "whale"], ["cup"]]
     assert results[0]["dog"] == results[1]["dog"]
     assert scorer.score([]) == [] and scorer.score([("a cat", [])]) == [{}]
@@ -178,23 +321,30 @@ def _train_on_template(model, tokenizer, max_steps: int = 600) -> int:
 
     It trains in float64. Leaving the plateau is chaotic: in float32 a 1e-7 difference in a reduction (Intel and AMD
     kernels sum in different orders) can send the model to another solution, one that ranks held-out scenes
-    differently. In float64 the CPU differences are ~1e-16, and the recipe below (seed 1) reaches the same margins
-    with every weight perturbed by 1e-6 relative, ten orders of magnitude more than those differences.
+    differently. In float64 the CPU differences are ~1e-16, and the recipe below (seed 1, learning rate 5e-3)
+    reaches the same margins with every weight perturbed by 1e-6 relative, ten orders of magnitude more than those
+    differences (and by 1e-4: held-out separation 0.984 instead of 0.987).
+
+    The learning rate was 1e-2 for the earlier template, which named the label right after the scene. With the label
+    last (the shared-prefix order), seed 1 at 1e-2 still fits the training scenes but calls one held-out kitchen
+    unlikely for every object; at 5e-3 it leaves the plateau in ~260 steps and separates every held-out scene.
     """
     model.to(torch.float64)
-    contexts, targets = [], []
+    pairs, answers = [], []
     for scenes, likely, unlikely in ((KITCHENS, KITCHEN_THINGS, OCEAN_THINGS), (OCEANS, OCEAN_THINGS, KITCHEN_THINGS)):
         for scene in scenes:
             for label, answer in [(x, 2) for x in likely] + [(x, 0) for x in unlikely]:
-                [(context, candidates)] = rating_token_ids(tokenizer, [likelihood_text(scene, label)])
-                contexts.append(context)
-                targets.append(candidates[answer])
+                pairs.append((scene, label))
+                answers.append(answer)
+    inputs = likelihood_inputs(tokenizer, pairs)
+    contexts = [inputs.sequence(i) for i in range(len(pairs))]
+    targets = [inputs.candidates[a] for a in answers]
     width = max(len(c) for c in contexts)
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(c)) + c for c in contexts])  # (N, L)
     mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])  # (N, L)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     torch.manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     model.train()
     steps = 0
     while steps < max_steps:
@@ -223,8 +373,9 @@ def test_likelihood_means_how_likely_the_object_is_in_the_scene():
     for (_, likely, unlikely), scores in zip(cases, results, strict=True):
         assert min(scores[x] for x in likely) > max(scores[x] for x in unlikely), scores
         gaps.append(sum(scores[x] for x in likely) / 2 - sum(scores[x] for x in unlikely) / 2)
-    # This seed gives ~0.99 vs ~0.01 (mean gap 0.98-0.99 with weights perturbed by 1e-6). Not every seed generalises
-    # this well: seed 2 fits the training scenes as well but separates one held-out scene by only ~0.005.
+    # This recipe gives ~0.99 vs ~0.01 (mean gap 0.989 with weights perturbed by 1e-6 or 1e-4). Not every seed
+    # generalises this well: seed 0 at 1e-2 fits the training scenes but ranks a held-out scene wrong, and at 5e-3
+    # stays on the plateau for 600 steps; seed 2 at 1e-2 separates them as well as this one.
     assert sum(gaps) / len(gaps) > 0.5, results
 
 
@@ -352,4 +503,7 @@ def test_score_before_load_and_injection_mistakes_are_errors(tiny):
         LikelihoodScorer(model=tiny[0])
     with pytest.raises(TypeError, match="not a str"):
         _scorer(tiny).score([("a cat", "cup")])
-    assert "{prompt}" in LIKELIHOOD_TEMPLATE and LIKELIHOOD_TEMPLATE.endswith("ASSISTANT: Rating:")
+    assert "{prompt}" in LIKELIHOOD_TEMPLATE and LIKELIHOOD_TEMPLATE.endswith("Object: {label} ASSISTANT: Rating:")
+    text = likelihood_text("a cat", "cup")
+    assert text.startswith(LIKELIHOOD_PREFIX.format(prompt="a cat")) and 'Scene: "a cat"' in text
+    assert text.endswith("(unlikely).\nObject: cup ASSISTANT: Rating:")
