@@ -124,7 +124,9 @@ def serve_fleet(port: int, app: str, replicas: int, reward_config: dict) -> None
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # taken by sigwait below
     config = load_serve_config(LOCAL_PROFILE, grpc_port=port, http_port=port + 1)
     config["applications"] = [a for a in config["applications"] if a["name"] == app]
-    config["applications"][0]["deployments"][0]["num_replicas"] = replicas
+    deployment = config["applications"][0]["deployments"][0]
+    deployment.pop("autoscaling_config", None)  # a fixed count, to compare like with like
+    deployment["num_replicas"] = replicas
     config["applications"][0]["args"].setdefault("reward_config", {}).update(reward_config)
     start_fleet(config, num_cpus=4)
     print("READY", flush=True)
@@ -289,12 +291,13 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
 
 
 def tiny_clip_dir(size: int) -> Path:
-    """The tiny seeded CLIP (`trainer.local_models.tiny.tiny_clip`) with a `size` px processor, saved once."""
+    """The tiny seeded CLIP (`trainer.local_models.tiny.tiny_clip`) with a `size` px processor and 32 px patches (49
+    tokens at 224 px, as ViT-B/32), saved once."""
     from trainer.local_models.tiny import save_pretrained, tiny_clip
 
-    path = ROOT / "runs" / f"bench_tiny_clip_{size}"
+    path = ROOT / "runs" / f"bench_tiny_clip_{size}_p32"
     if not (path / "config.json").exists():
-        save_pretrained(path, *tiny_clip(image_size=size))
+        save_pretrained(path, *tiny_clip(image_size=size, patch_size=32))
     return path
 
 

@@ -114,7 +114,7 @@ def tiny_clip_text(seed: int = 0):
     return CLIPTextModelWithProjection(config).eval(), tokenizer
 
 
-def tiny_clip(seed: int = 0, image_size: int = 32):
+def tiny_clip(seed: int = 0, image_size: int = 32, patch_size: int = 8):
     """A tiny CLIP (vision + text towers, CLIPModel) and its processor (CLIP image processor + MiniLM tokenizer)."""
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
@@ -125,7 +125,7 @@ def tiny_clip(seed: int = 0, image_size: int = 32):
     projection_dim = 16
     config = CLIPConfig(
         text_config={**tiny_clip_text_config(tokenizer), "projection_dim": projection_dim},
-        vision_config=dict(**TINY_TOWER, image_size=image_size, patch_size=8, projection_dim=projection_dim),
+        vision_config=dict(**TINY_TOWER, image_size=image_size, patch_size=patch_size, projection_dim=projection_dim),
         projection_dim=projection_dim,
         initializer_factor=1.0,
     )
