@@ -226,6 +226,24 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
+def warm_up(client, images, prompts, case: str, reward: str) -> None:
+    """One call before the clock starts (Describe: limits, input resolution), once the server answers: with direct
+    ingress the replica opens its port a moment after Serve reports it running."""
+    from services.client import RewardServiceError
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.score(images[:1], prompts[:1])
+            break
+        except RewardServiceError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    if case.endswith("_resized") and client.input_resolution is None:
+        raise SystemExit(f"{case}: {reward} declares no input resolution (or the server runs another torch)")
+
+
 def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list[str]) -> dict:
     """Starts the case's server (none in-process), measures it, stops it."""
     if case == "inprocess":
@@ -276,15 +294,14 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
             channel_options=options,
             resize_to_input=case.endswith("_resized"),
         )
-        client.score(images[:1], prompts[:1])  # Describe (limits, input resolution) before the clock starts
-        if case.endswith("_resized") and client.input_resolution is None:
-            raise SystemExit(f"{case}: {args.reward} declares no input resolution (or other torch/torchvision)")
 
         def call():
             results = client.score(images, prompts)
             assert all(r.ok for r in results), results[0].error_message
 
     try:
+        if case not in ("pickle", "json"):
+            warm_up(client, images, prompts, case, args.reward)
         return measure(call, args.seconds, args.in_flight, args.batch, process_roles(proc.pid))
     finally:
         stop_server(proc)
