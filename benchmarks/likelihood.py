@@ -64,7 +64,8 @@ def requests(n_prompts: int, n_labels: int) -> list[tuple[str, list[str]]]:
 def measure(scorer, reqs, repeats: int) -> tuple[float, list, int]:
     """(median seconds per call, results of the last call, model forward passes per call)."""
     calls = []
-    hook = scorer.model.register_forward_hook(lambda module, args, output: calls.append(1))
+    # On the decoder: every forward runs it, with the LM head or (the shared path's rating rows) without.
+    hook = scorer.model.get_decoder().register_forward_hook(lambda module, args, output: calls.append(1))
     scorer.score(reqs[:1])  # warm-up
     times, results = [], []
     for _ in range(repeats):

@@ -86,6 +86,30 @@ def _positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+# Model types whose causal-LM logits are exactly `lm_head(decoder(...).last_hidden_state)`, a linear map with no
+# scaling or soft-capping after it (Gemma 2's final_logit_softcapping, Cohere's logit_scale or Granite's
+# logits_scaling would each change the logits), so the three rating rows of lm_head give the rating logits.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def rating_head(model, candidates):
+    """(decoder, (3, H) rows of the output embedding, (3,) bias rows or None) that give the rating tokens' logits
+    from the decoder's last hidden state without projecting onto the whole vocabulary; None for a model outside
+    PLAIN_HEAD_MODEL_TYPES or without a linear output embedding (the caller then reads the model's own logits).
+
+    On the tiny 32-wide test model the vocabulary projection is most of a suffix forward; on Vicuna-7B it is about
+    2% of the weights a suffix row reads."""
+    import torch
+
+    head = model.get_output_embeddings()
+    plain = getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES
+    if not plain or not isinstance(head, torch.nn.Linear):
+        return None
+    index = candidates.to(head.weight.device)
+    bias = None if head.bias is None else head.bias.index_select(0, index)
+    return model.get_decoder(), head.weight.index_select(0, index), bias
+
+
 def full_rating_logits(model, tokenizer, inputs: LikelihoodInputs, batch_size: int, device) -> torch.Tensor:
     """Next-token logits of the three rating tokens after each pair's whole question (prefix + suffix ids), (N, 3).
 
@@ -117,7 +141,8 @@ def shared_prefix_rating_logits(model, tokenizer, inputs: LikelihoodInputs, batc
     suffix (left-padded too) against their prefix's cache rows, copied (index-selected) into a fresh DynamicCache.
     The attention mask is the prefix's mask followed by the suffix's, so neither padding is attended, and positions
     continue from the prefix's real length: each row sees exactly the tokens and positions of its whole question.
-    Only one group's cache is held at a time.
+    Only one group's cache is held at a time. Where `rating_head` applies, the decoder runs without the LM head and
+    the suffix rows' last hidden states meet the three rating rows of the output embedding only.
     """
     import torch
     from transformers import DynamicCache
@@ -125,6 +150,9 @@ def shared_prefix_rating_logits(model, tokenizer, inputs: LikelihoodInputs, batc
     out = torch.empty(len(inputs.pairs), 3)
     pad = pad_id(tokenizer)
     candidates = torch.tensor(inputs.candidates, device=device)  # (3,)
+    head = rating_head(model, candidates)
+    # The prefix pass needs only the cache: the decoder alone, or the model with one position's logits.
+    prefix_model, prefix_kwargs = (head[0], {}) if head is not None else (model, {"logits_to_keep": 1})
     pairs_of: dict[int, list[int]] = {}
     for i, (p, _) in enumerate(inputs.pairs):
         pairs_of.setdefault(p, []).append(i)
@@ -133,9 +161,8 @@ def shared_prefix_rating_logits(model, tokenizer, inputs: LikelihoodInputs, batc
         for start in range(0, len(prefixes), batch_size):
             group = prefixes[start : start + batch_size]
             ids, mask = _pad_left([inputs.prefixes[p] for p in group], pad, device)  # (P, Lp)
-            # logits_to_keep=1: the prefix's own logits are not needed, only its cache.
-            cache = model(
-                input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, logits_to_keep=1
+            cache = prefix_model(
+                input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True, **prefix_kwargs
             ).past_key_values
             layers = [(layer.keys, layer.values) for layer in cache.layers]  # each (P, heads, Lp, head_dim)
             lengths = mask.sum(-1)  # (P,): real prefix tokens
@@ -152,15 +179,21 @@ def shared_prefix_rating_logits(model, tokenizer, inputs: LikelihoodInputs, batc
                 past = DynamicCache(rows_kv, config=model.config)  # each layer (S, heads, Lp, head_dim)
                 attention_mask = torch.cat([mask.index_select(0, select), smask], dim=1)  # (S, Lp + Ls)
                 position_ids = lengths.index_select(0, select)[:, None] + _positions(smask)  # (S, Ls)
-                logits = model(
+                kwargs = dict(
                     input_ids=sids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
                     past_key_values=past,
                     use_cache=True,
-                    logits_to_keep=1,
-                ).logits[:, -1]  # (S, V)
-                out[[i for _, i in chunk]] = logits.index_select(1, candidates.to(logits.device)).float().cpu()
+                )
+                if head is not None:
+                    decoder, weight, bias = head
+                    hidden = decoder(**kwargs).last_hidden_state[:, -1]  # (S, H)
+                    logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)  # (S, 3)
+                else:
+                    logits = model(**kwargs, logits_to_keep=1).logits[:, -1]  # (S, V)
+                    logits = logits.index_select(1, candidates.to(logits.device))  # (S, 3)
+                out[[i for _, i in chunk]] = logits.float().cpu()
             del cache, layers
     return out
 

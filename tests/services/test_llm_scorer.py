@@ -18,9 +18,9 @@ from services.llm_prompts import (
     ratings_from_reply,
 )
 from services.llm_scorer import LikelihoodScorer, LLMConfig
-from services.llm_transformers import full_rating_logits, shared_prefix_rating_logits
+from services.llm_transformers import full_rating_logits, rating_head, shared_prefix_rating_logits
 from services.reward import SampleFailure
-from trainer.local_models.tiny import save_tiny_models, tiny_llama
+from trainer.local_models.tiny import save_tiny_models, tiny_gpt2, tiny_llama
 from trainer.local_models.tokenizers import llama_tokenizer, opt_tokenizer
 
 # Prompts of different lengths, so their padding differs within a batch.
@@ -265,6 +265,36 @@ def test_shared_prefix_with_a_sentencepiece_tokenizer_and_its_bos(tiny, join_tok
         torch.testing.assert_close(shared, reference, atol=PROB_ATOL, rtol=0)
 
 
+def test_the_rating_rows_of_the_head_give_the_models_own_rating_logits(tiny):
+    """Llama's logits are its lm_head over the decoder's last hidden state: the three rating rows alone give the same
+    rating logits (the shared-prefix path reads them so; the whole-question path reads the model's logits)."""
+    model, tokenizer = tiny
+    inputs = likelihood_inputs(tokenizer, INVARIANCE_PAIRS[:8])
+    candidates = torch.tensor(inputs.candidates)
+    decoder, weight, bias = rating_head(model, candidates)
+    assert decoder is model.get_decoder() and bias is None
+    torch.testing.assert_close(weight, model.lm_head.weight[candidates], atol=0, rtol=0)
+    ids = torch.tensor([inputs.sequence(0)])  # (1, L)
+    with torch.no_grad():
+        rows = decoder(input_ids=ids).last_hidden_state[:, -1] @ weight.T  # (1, 3)
+        own = model(input_ids=ids).logits[:, -1, candidates]  # (1, 3)
+    torch.testing.assert_close(rows, own, atol=1e-6, rtol=1e-5)
+
+
+def test_a_model_type_outside_the_plain_head_list_reads_its_own_logits():
+    """GPT-2 is not in PLAIN_HEAD_MODEL_TYPES (nor would a type with soft-capped or scaled logits be): the
+    shared-prefix path falls back to the model's own logits and still equals the whole-question path."""
+    model, tokenizer = tiny_gpt2()
+    pairs = INVARIANCE_PAIRS[:: len(INVARIANCE_PAIRS) // 24]
+    inputs = likelihood_inputs(tokenizer, pairs)
+    assert rating_head(model, torch.tensor(inputs.candidates)) is None
+    reference = full_rating_logits(model, tokenizer, inputs, 64, "cpu").softmax(-1)
+    for batch_size in (1, 5):
+        shared = shared_prefix_rating_logits(model, tokenizer, inputs, batch_size, "cpu").softmax(-1)
+        torch.testing.assert_close(shared, reference, atol=PROB_ATOL, rtol=0)
+    assert (reference.max(0).values - reference.min(0).values > 0.01).all()
+
+
 def test_scorer_shares_the_prefix_by_default_and_agrees_with_share_prefix_off(tiny):
     requests = [(p, [*LABELS, "traffic light"]) for p in INVARIANCE_PROMPTS]
     shared = _scorer(tiny, batch_size=4).score(requests)
@@ -315,19 +345,20 @@ OCEAN_THINGS = ["whale", "volcano"]
 def _train_on_template(model, tokenizer, max_steps: int = 600) -> int:
     """Teaches the tiny Llama the template's answers: kitchen things '3' in kitchens, '1' at sea, and the reverse.
 
-    Full-vocabulary cross-entropy of the rating token after the exact scorer context (left-padded, like the scorer).
-    The model sits on the ln 2 plateau (right digit format, scene ignored) for ~150 steps before it learns the
-    scene x object interaction, so it trains until the loss is small. Returns the steps taken.
+    Cross-entropy over the three rating tokens after the exact scorer context (left-padded, like the scorer): the
+    scorer renormalises over those three, so the rest of the vocabulary need not be trained down. The model sits on
+    a plateau (scene ignored) before it learns the scene x object interaction, so it trains until the loss is small.
+    Returns the steps taken.
 
     It trains in float64. Leaving the plateau is chaotic: in float32 a 1e-7 difference in a reduction (Intel and AMD
     kernels sum in different orders) can send the model to another solution, one that ranks held-out scenes
-    differently. In float64 the CPU differences are ~1e-16, and the recipe below (seed 1, learning rate 5e-3)
+    differently. In float64 the CPU differences are ~1e-16, and the recipe below (seed 0, learning rate 5e-3)
     reaches the same margins with every weight perturbed by 1e-6 relative, ten orders of magnitude more than those
-    differences (and by 1e-4: held-out separation 0.984 instead of 0.987).
+    differences (140 steps; mean held-out gap 0.990, 0.990 at 1e-6 and 0.963 at 1e-4).
 
-    The learning rate was 1e-2 for the earlier template, which named the label right after the scene. With the label
-    last (the shared-prefix order), seed 1 at 1e-2 still fits the training scenes but calls one held-out kitchen
-    unlikely for every object; at 5e-3 it leaves the plateau in ~260 steps and separates every held-out scene.
+    History: full-vocabulary cross-entropy (seed 1) needed ~260 steps to leave the plateau. Over the three tokens,
+    seed 1 separates every held-out scene too (gap 0.86), seed 2 ranks one held-out scene's objects wrong (gap
+    -0.015), and seed 1 at 1e-2 ranks held-out scenes wrong.
     """
     model.to(torch.float64)
     pairs, answers = [], []
@@ -338,7 +369,7 @@ def _train_on_template(model, tokenizer, max_steps: int = 600) -> int:
                 answers.append(answer)
     inputs = likelihood_inputs(tokenizer, pairs)
     contexts = [inputs.sequence(i) for i in range(len(pairs))]
-    targets = [inputs.candidates[a] for a in answers]
+    candidates = torch.tensor(inputs.candidates)  # (3,)
     width = max(len(c) for c in contexts)
     input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(c)) + c for c in contexts])  # (N, L)
     mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in contexts])  # (N, L)
@@ -350,7 +381,7 @@ def _train_on_template(model, tokenizer, max_steps: int = 600) -> int:
     while steps < max_steps:
         steps += 1
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1).logits
-        loss = torch.nn.functional.cross_entropy(logits[:, -1], torch.tensor(targets))
+        loss = torch.nn.functional.cross_entropy(logits[:, -1, candidates], torch.tensor(answers))  # (N, 3) vs (N,)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -361,7 +392,7 @@ def _train_on_template(model, tokenizer, max_steps: int = 600) -> int:
 
 
 def test_likelihood_means_how_likely_the_object_is_in_the_scene():
-    model, tokenizer = tiny_llama(seed=1)
+    model, tokenizer = tiny_llama(seed=0)
     assert _train_on_template(model, tokenizer) < 600
     scorer = LikelihoodScorer(model=model, tokenizer=tokenizer)
     scorer.load("cpu")
@@ -373,9 +404,7 @@ def test_likelihood_means_how_likely_the_object_is_in_the_scene():
     for (_, likely, unlikely), scores in zip(cases, results, strict=True):
         assert min(scores[x] for x in likely) > max(scores[x] for x in unlikely), scores
         gaps.append(sum(scores[x] for x in likely) / 2 - sum(scores[x] for x in unlikely) / 2)
-    # This recipe gives ~0.99 vs ~0.01 (mean gap 0.989 with weights perturbed by 1e-6 or 1e-4). Not every seed
-    # generalises this well: seed 0 at 1e-2 fits the training scenes but ranks a held-out scene wrong, and at 5e-3
-    # stays on the plateau for 600 steps; seed 2 at 1e-2 separates them as well as this one.
+    # This recipe gives ~0.99 vs ~0.01 (mean gap 0.990; 0.963 with weights perturbed by 1e-4, see _train_on_template).
     assert sum(gaps) / len(gaps) > 0.5, results
 
 

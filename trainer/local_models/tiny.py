@@ -155,6 +155,28 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
+def tiny_gpt2(seed: int = 0):
+    """A tiny GPT-2 causal LM with the tiny Llama's tokenizer: a model type outside the LLM scorer's plain-head list
+    (services.llm_transformers.PLAIN_HEAD_MODEL_TYPES), for its fallback to the model's own logits."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = tiny_tokenizer()
+    ids = special_token_ids(tokenizer)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=TINY_TOWER["hidden_size"],
+        n_layer=TINY_TOWER["num_hidden_layers"],
+        n_head=TINY_TOWER["num_attention_heads"],
+        n_positions=512,
+        bos_token_id=ids["bos_token_id"],
+        eos_token_id=ids["eos_token_id"],
+        initializer_range=INIT_RANGE,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).eval(), tokenizer
+
+
 # The tiny SAM's architecture, as the semantic reward's `sam` config fields (model_type "custom").
 TINY_SAM = dict(
     model_type="custom",
