@@ -60,6 +60,11 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64, help="concurrent single-sample clients")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray cluster")
     parser.add_argument("--batch-wait-s", type=float, default=None, help="override the app's batch_wait_timeout_s")
+    parser.add_argument(
+        "--resize-to-input",
+        action="store_true",
+        help="every served client resizes raw images to the input resolution the reward declares in Describe",
+    )
     args = parser.parse_args()
 
     import torch
@@ -104,7 +109,8 @@ def main() -> None:
     fleet = start_fleet(config, num_cpus=args.num_cpus)
     try:
         # 2. Served: batch 1 and 32 with one request in flight (latency), 32 with 4 in flight (throughput).
-        client = RewardClient(fleet.grpc_target, args.app, max_samples_per_request=32, max_in_flight=4)
+        resize = {"resize_to_input": args.resize_to_input}
+        client = RewardClient(fleet.grpc_target, args.app, max_samples_per_request=32, max_in_flight=4, **resize)
         client.score(batch, prompts)  # warm-up
         measure("served, batch 1, 1 in flight", 1, lambda: client.score(batch[:1], prompts[:1]))
         measure("served, batch 32, 1 in flight", 32, lambda: client.score(batch, prompts))
@@ -112,7 +118,7 @@ def main() -> None:
 
         # 3. PNG transport (client-side encoding counted), 4 in flight.
         png_client = RewardClient(
-            fleet.grpc_target, args.app, max_samples_per_request=32, max_in_flight=4, image_format="png"
+            fleet.grpc_target, args.app, max_samples_per_request=32, max_in_flight=4, image_format="png", **resize
         )
         png = measure(
             "served, batch 32, 4 in flight, PNG", 128, lambda: png_client.score(images[:32] * 4, prompts * 4)
@@ -121,7 +127,7 @@ def main() -> None:
         # 4. Many concurrent single-sample clients: cross-request batching vs batching disabled.
         def concurrent(app: str) -> tuple[float, list[float]]:
             async def go():
-                client = RewardClient(fleet.grpc_target, app, max_samples_per_request=1)
+                client = RewardClient(fleet.grpc_target, app, max_samples_per_request=1, **resize)
                 samples = client.make_samples(images[: args.clients], prompts[:1] * args.clients)
                 await client.ascore_samples(samples[:1])  # warm-up and limit discovery
                 latencies: list[float] = []
@@ -151,7 +157,11 @@ def main() -> None:
     finally:
         stop_fleet()
 
-    print(f"\n{args.app}, {args.size}x{args.size} images, {os.cpu_count()} cores, {args.seconds:.0f}s each")
+    resized = ""
+    if args.resize_to_input:
+        declared = client.input_resolution  # None: the reward declares none, or the client's versions differ
+        resized = f", client resizes to {declared.target_size(args.size, args.size) if declared else 'nothing'}"
+    print(f"\n{args.app}, {args.size}x{args.size} images, {os.cpu_count()} cores, {args.seconds:.0f}s each{resized}")
     print(f"{'case':<52} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for case, rate, p50, p99 in rows:
         print(f"{case:<52} {rate:>9.1f} {p50:>8} {p99:>8}")

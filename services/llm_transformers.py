@@ -3,8 +3,9 @@
 Sequences are left-padded and grouped by length, with position ids that count real tokens only, so a sequence's
 values do not depend on the other sequences of its batch (to float tolerance). Likelihood mode runs each prompt's
 shared question prefix once and its labels' suffixes against that prefix's KV cache
-(`shared_prefix_rating_logits`); `full_rating_logits` runs every whole question, the reference. torch and
-transformers are imported inside the functions.
+(`shared_prefix_rating_logits`), and where the model type allows (`rating_head`) reads only the three rating rows of
+the LM head; `full_rating_logits` runs every whole question through the model's own logits, the reference. torch
+and transformers are imported inside the functions.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # prediction's few thousand elements averages out: 10x tighter).
 GRAD_RTOL = {"bfloat16": 0.04, "float16": 0.005}
 LOSS_RTOL = {"bfloat16": 0.004, "float16": 0.0005}
+# Sampled latents against fp32's (2 guided steps through the UNet and the text encoder): 20 roundings of the format,
+# as at real widths (tests/trainer/test_real_architectures.py); measured here bf16 1.2%, fp16 0.17%.
+LATENT_RTOL = {"bfloat16": 20 * 2**-8, "float16": 20 * 2**-11}
+SAMPLE_PROMPTS, SAMPLE_SEEDS = ["two red dogs", "one cat"], [3, 4]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,6 +41,14 @@ def saved_sd(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-sd15")
     tiny_stable_diffusion(seed=0, image_size=16).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def fp32_sample_latents():
+    """The fp32 job's sampled latents of SAMPLE_PROMPTS / SAMPLE_SEEDS, which each half dtype's sample is held to."""
+    config = job_config("model.dtype=float32", "sampling.steps=2")
+    setup = setup_training(config, "cpu")
+    return sample_images(setup.pipe, SAMPLE_PROMPTS, SAMPLE_SEEDS, config.sampling, 16).latents
 
 
 def job_config(*overrides):
@@ -148,16 +160,20 @@ def test_bf16_and_fp32_need_no_scaler():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_the_job_samples_and_trains_a_step_from_a_saved_directory_and_the_tiny_source(dtype, saved_sd):
+def test_the_job_samples_and_trains_a_step_from_a_saved_directory_and_the_tiny_source(
+    dtype, saved_sd, fp32_sample_latents
+):
     """`--set model.pretrained=<dir> --set optim.method=lora --set model.dtype=...` through the job's own setup,
-    sampling and step; the saved directory holds the tiny pipeline's weights, so both sources give the same step."""
+    sampling and step; the saved directory holds the tiny pipeline's weights, so both sources give the same step,
+    and the sample agrees with fp32's within the format's bound."""
     losses = {}
     for source in ("tiny", str(saved_sd)):
         config = job_config(f"model.dtype={dtype}", f"model.pretrained={source}", "sampling.steps=2")
         setup = setup_training(config, "cpu")
         assert setup.pipe.vae.dtype == DTYPES[dtype] and setup.pipe.unet.conv_in.weight.dtype == DTYPES[dtype]
-        samples = sample_images(setup.pipe, ["two red dogs", "one cat"], [3, 4], config.sampling, 16)
+        samples = sample_images(setup.pipe, SAMPLE_PROMPTS, SAMPLE_SEEDS, config.sampling, 16)
         assert samples.latents.dtype == torch.float32 and torch.isfinite(samples.latents).all()
+        assert relative_error(samples.latents, fp32_sample_latents) <= LATENT_RTOL[dtype]
         lora_b = [p for name, p in setup.pipe.unet.named_parameters() if "lora_B" in name]
         before = [p.detach().clone() for p in lora_b]
         cond = encode_prompts(setup.pipe, samples.prompts, {})
