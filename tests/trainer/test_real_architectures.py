@@ -57,13 +57,10 @@ from trainer.training import DenoisingBatch, encode_prompts, setup_training, tra
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Relative errors against fp32 (module docstring): the step's loss, and the sampled latents.
+# The step's loss, relative to fp32's (module docstring).
 LOSS_RTOL = {"float32": 1e-5, "bfloat16": 2**-8, "float16": 2**-11}
-LATENT_RTOL = {"float32": 0.0, "bfloat16": 20 * 2**-8, "float16": 20 * 2**-11}
 # (dtype, method) of the steps: the LoRA step in every dtype, no full step (module docstring).
 STEPS = [("float32", "lora"), ("bfloat16", "lora"), ("float16", "lora")]
-# The dtypes whose step test also samples an image at real widths (module docstring).
-SAMPLED = ("float32",)
 PROMPT = "two green dogs in the city"
 SEED = 0
 RESOLUTION = 64  # 8 x 8 latents
@@ -95,10 +92,6 @@ def job_config(path, dtype: str, method: str):
         "sampling.samples_per_prompt=1",
     ]
     return load_finetune_config(CONFIG_DIR / "cluster.yaml", overrides)
-
-
-def relative_error(a, b) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 @pytest.fixture(scope="module")
@@ -178,15 +171,14 @@ def test_the_job_samples_and_trains_a_step_at_real_widths(dtype, method, sd15, r
         assert len(watched) == len(names)
     before = {n: p.detach().clone() for n, p in watched.items()}
 
-    # One image through the job's sampler (DPM-Solver from the PNDM config, guidance, VAE decode).
-    if dtype in SAMPLED:
+    # One image through the job's sampler (DPM-Solver from the PNDM config, guidance, VAE decode), in fp32 only
+    # (module docstring).
+    if dtype == "float32":
         samples = sample_images(pipe, [PROMPT], [SEED], config.sampling, RESOLUTION)
         assert samples.images.shape == (1, RESOLUTION, RESOLUTION, 3) and samples.images.dtype == np.uint8
         assert samples.latents.shape == (1, 4, 8, 8) and samples.latents.dtype == torch.float32
         assert torch.isfinite(samples.latents).all()
-        if dtype == "float32":  # the same seed and weights give the same latents
-            assert torch.equal(samples.latents, reference["latents"])
-        assert relative_error(samples.latents, reference["latents"]) <= LATENT_RTOL[dtype]
+        assert torch.equal(samples.latents, reference["latents"])  # the same seed and weights give the same latents
 
     # One step on the fp32 sample, the same inputs for every dtype and method.
     cond = encode_prompts(pipe, [PROMPT], {})
