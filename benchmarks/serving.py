@@ -6,7 +6,8 @@ Measures one application of the local profile, side by side on the same machine 
 1. in-process `reward.score` at batch 1 and 32 vs the same served over gRPC (1 and 4 requests in flight);
 2. raw vs PNG transport at batch 32 (PNG encoding on the client included);
 3. 64 concurrent single-sample clients with cross-request batching vs batching disabled.
-The in-process reward and the replica each get one torch thread.
+The in-process reward and the replica each get one torch thread. `--direct-ingress` serves through Serve's direct
+ingress instead of its proxy; `--resize-to-input` has every served client resize to the reward's declared input.
 """
 
 from __future__ import annotations
@@ -52,6 +53,33 @@ def run_for(seconds: float, fn) -> tuple[int, list[float], float]:
     return len(latencies), latencies, time.perf_counter() - start
 
 
+# Serve's direct ingress gives each replica its own gRPC port, from the first of its range up.
+DIRECT_PORT = 40000
+
+
+def direct_targets(client_cls, apps: list[str], timeout_s: float = 60) -> dict[str, str]:
+    """{application: 127.0.0.1:<its replica's direct-ingress port>} for one-replica applications. A replica answers
+    only calls to its own application (NOT_FOUND for another), so each port is asked for each application not yet
+    found. A replica opens its port a moment after Serve reports it running: this retries for up to `timeout_s`."""
+    from services.client import RewardServiceError
+
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for port in range(DIRECT_PORT, DIRECT_PORT + len(apps)):
+            for app in [a for a in apps if a not in found]:
+                try:
+                    client_cls(f"127.0.0.1:{port}", app, timeout_s=2).describe()
+                except RewardServiceError:
+                    continue
+                found[app] = f"127.0.0.1:{port}"
+        if len(found) == len(apps):
+            return found
+        if time.monotonic() > deadline:
+            raise SystemExit(f"direct ingress: found {found} of {apps} on ports {DIRECT_PORT} and up")
+        time.sleep(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--app", default="jpeg_compressibility", help="application of deploy/local.yaml to measure")
@@ -64,6 +92,12 @@ def main() -> None:
         "--resize-to-input",
         action="store_true",
         help="every served client resizes raw images to the input resolution the reward declares in Describe",
+    )
+    parser.add_argument(
+        "--direct-ingress",
+        action="store_true",
+        help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): each replica serves gRPC on its own port "
+        f"from {DIRECT_PORT} up and the clients call it there, not through Serve's proxy",
     )
     args = parser.parse_args()
 
@@ -106,11 +140,16 @@ def main() -> None:
     in_process = measure("in-process, batch 32", 32, lambda: reward.score(batch, prompts))
     reward = None  # free its memory before the replicas load the same models
 
+    if args.direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"  # read by the Ray cluster start_fleet starts
     fleet = start_fleet(config, num_cpus=args.num_cpus)
     try:
+        targets = {a["name"]: fleet.grpc_target for a in config["applications"]}
+        if args.direct_ingress:
+            targets = direct_targets(RewardClient, list(targets))
         # 2. Served: batch 1 and 32 with one request in flight (latency), 32 with 4 in flight (throughput).
         resize = {"resize_to_input": args.resize_to_input}
-        client = RewardClient(fleet.grpc_target, args.app, max_samples_per_request=32, max_in_flight=4, **resize)
+        client = RewardClient(targets[args.app], args.app, max_samples_per_request=32, max_in_flight=4, **resize)
         client.score(batch, prompts)  # warm-up
         measure("served, batch 1, 1 in flight", 1, lambda: client.score(batch[:1], prompts[:1]))
         measure("served, batch 32, 1 in flight", 32, lambda: client.score(batch, prompts))
@@ -118,7 +157,7 @@ def main() -> None:
 
         # 3. PNG transport (client-side encoding counted), 4 in flight.
         png_client = RewardClient(
-            fleet.grpc_target, args.app, max_samples_per_request=32, max_in_flight=4, image_format="png", **resize
+            targets[args.app], args.app, max_samples_per_request=32, max_in_flight=4, image_format="png", **resize
         )
         png = measure(
             "served, batch 32, 4 in flight, PNG", 128, lambda: png_client.score(images[:32] * 4, prompts * 4)
@@ -127,7 +166,7 @@ def main() -> None:
         # 4. Many concurrent single-sample clients: cross-request batching vs batching disabled.
         def concurrent(app: str) -> tuple[float, list[float]]:
             async def go():
-                client = RewardClient(fleet.grpc_target, app, max_samples_per_request=1, **resize)
+                client = RewardClient(targets[app], app, max_samples_per_request=1, **resize)
                 samples = client.make_samples(images[: args.clients], prompts[:1] * args.clients)
                 await client.ascore_samples(samples[:1])  # warm-up and limit discovery
                 latencies: list[float] = []
@@ -161,7 +200,11 @@ def main() -> None:
     if args.resize_to_input:
         declared = client.input_resolution  # None: the reward declares none, or the client's versions differ
         resized = f", client resizes to {declared.target_size(args.size, args.size) if declared else 'nothing'}"
-    print(f"\n{args.app}, {args.size}x{args.size} images, {os.cpu_count()} cores, {args.seconds:.0f}s each{resized}")
+    ingress = ", direct ingress" if args.direct_ingress else ""
+    print(
+        f"\n{args.app}, {args.size}x{args.size} images, {os.cpu_count()} cores, {args.seconds:.0f}s each"
+        f"{resized}{ingress}"
+    )
     print(f"{'case':<52} {'images/s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for case, rate, p50, p99 in rows:
         print(f"{case:<52} {rate:>9.1f} {p50:>8} {p99:>8}")
