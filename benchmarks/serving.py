@@ -57,11 +57,11 @@ def run_for(seconds: float, fn) -> tuple[int, list[float], float]:
 DIRECT_PORT = 40000
 
 
-def direct_targets(client_cls, apps: list[str], timeout_s: float = 60) -> dict[str, str]:
+def direct_targets(apps: list[str], timeout_s: float = 60) -> dict[str, str]:
     """{application: 127.0.0.1:<its replica's direct-ingress port>} for one-replica applications. A replica answers
     only calls to its own application (NOT_FOUND for another), so each port is asked for each application not yet
     found. A replica opens its port a moment after Serve reports it running: this retries for up to `timeout_s`."""
-    from services.client import RewardServiceError
+    from services.client import RewardClient, RewardServiceError
 
     found: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
@@ -69,7 +69,7 @@ def direct_targets(client_cls, apps: list[str], timeout_s: float = 60) -> dict[s
         for port in range(DIRECT_PORT, DIRECT_PORT + len(apps)):
             for app in [a for a in apps if a not in found]:
                 try:
-                    client_cls(f"127.0.0.1:{port}", app, timeout_s=2).describe()
+                    RewardClient(f"127.0.0.1:{port}", app, timeout_s=2).describe()
                 except RewardServiceError:
                     continue
                 found[app] = f"127.0.0.1:{port}"
@@ -146,7 +146,7 @@ def main() -> None:
     try:
         targets = {a["name"]: fleet.grpc_target for a in config["applications"]}
         if args.direct_ingress:
-            targets = direct_targets(RewardClient, list(targets))
+            targets = direct_targets(list(targets))
         # 2. Served: batch 1 and 32 with one request in flight (latency), 32 with 4 in flight (throughput).
         resize = {"resize_to_input": args.resize_to_input}
         client = RewardClient(targets[args.app], args.app, max_samples_per_request=32, max_in_flight=4, **resize)

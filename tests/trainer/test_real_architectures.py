@@ -7,14 +7,14 @@ layout. Each test runs the cluster preset (trainer/configs/cluster.yaml: DPM-Sol
 image (8 x 8 latents, 2 steps; fp32 only, below), and one `train_step`.
 
 Every step trains on the same inputs: the latents the fp32 pipeline samples (the `reference` fixture), one fixed
-noise and timestep; so each step's loss is compared with the fp32 loss of the same inputs, and each dtype's own
-sample with the fp32 one.
+noise and timestep; so each step's loss is compared with the fp32 loss of the same inputs, and the fp32 test's own
+sample with the reference (bitwise).
 
 Tolerances, relative to fp32 (half precision rounds each operation to 2^-8 of its value in bf16, 2^-11 in fp16):
 - the loss (a mean over 256 squared errors, so roundings average out): one rounding of the format, bf16 0.4% and
   fp16 0.05%; measured 0.05% and 0.005%;
 - the sampled latents (2 guided steps through the UNet and the text encoder): 20 roundings, bf16 8% and fp16 1%;
-  measured 2.1% and 0.26% when the half dtypes sampled here (now at small widths, see below).
+  measured 2.1% and 0.26% when the half dtypes sampled here; the bound now applies at small widths (see below).
 
 Two reductions, for CPU cost (figures on 2 cores, one torch thread):
 - method=full steps with SGD instead of the job's AdamW: AdamW's two fp32 moments of the 580M UNet weights put the
