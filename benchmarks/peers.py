@@ -116,9 +116,9 @@ def peer_body(codec: str, images: list[np.ndarray], prompts: list[str]) -> bytes
 # --- a rewardfleet server ----------------------------------------------------------------------------------------
 
 
-def serve_fleet(port: int, app: str, replicas: int, reward_config: dict) -> None:
-    """The local profile's `app` alone, with `replicas` replicas (environment variables set by the parent choose the
-    ingress)."""
+def serve_fleet(port: int, app: str, replicas: int, reward_config: dict, concurrent_batches: int | None) -> None:
+    """The local profile's `app` alone, with `replicas` replicas and, if given, `concurrent_batches` in place of the
+    profile's `max_concurrent_batches` (environment variables set by the parent choose the ingress)."""
     from deploy.fleet import LOCAL_PROFILE, load_serve_config, start_fleet, stop_fleet
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # taken by sigwait below
@@ -127,7 +127,10 @@ def serve_fleet(port: int, app: str, replicas: int, reward_config: dict) -> None
     deployment = config["applications"][0]["deployments"][0]
     deployment.pop("autoscaling_config", None)  # a fixed count, to compare like with like
     deployment["num_replicas"] = replicas
-    config["applications"][0]["args"].setdefault("reward_config", {}).update(reward_config)
+    app_args = config["applications"][0]["args"]
+    app_args.setdefault("reward_config", {}).update(reward_config)
+    if concurrent_batches is not None:
+        app_args["max_concurrent_batches"] = concurrent_batches
     start_fleet(config, num_cpus=4)
     print("READY", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -285,6 +288,8 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
             if not args.haproxy_untuned:
                 env.update(HAPROXY_TUNED)
         server_args = ["--fleet", "--port", str(port), "--reward", args.reward, "--replicas", str(args.replicas)]
+        if args.concurrent_batches is not None:
+            server_args += ["--concurrent-batches", str(args.concurrent_batches)]
         proc = start_server([*server_args, "--reward-config", json.dumps(args.reward_config)], env)
         client = RewardClient(
             target,
@@ -328,6 +333,11 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(ALL_CASES), help=f"comma-separated, of {list(ALL_CASES)}")
     parser.add_argument("--port", type=int, default=9500, help="first port for the servers")
     parser.add_argument("--replicas", type=int, default=1, help="replicas of the rewardfleet application")
+    parser.add_argument(
+        "--concurrent-batches",
+        type=int,
+        help="the rewardfleet app's max_concurrent_batches (default: the local profile's)",
+    )
     parser.add_argument("--haproxy-untuned", action="store_true", help="Ray's default HAProxy settings")
     parser.add_argument(
         "--clip-size", type=int, help="clip_score: serve the tiny seeded CLIP with a processor of this many pixels"
@@ -339,7 +349,7 @@ def main() -> None:
     if args.peer:
         return serve_peer(args.peer, args.port, args.reward, args.reward_config)
     if args.fleet:
-        return serve_fleet(args.port, args.reward, args.replicas, args.reward_config)
+        return serve_fleet(args.port, args.reward, args.replicas, args.reward_config, args.concurrent_batches)
     if args.clip_size:
         if args.reward != "clip_score":
             parser.error("--clip-size is for --reward clip_score")

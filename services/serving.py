@@ -13,8 +13,9 @@ A call first passes the application's `Admission` (services/admission.py: token,
 INVALID_ARGUMENT before any image is decoded); per-sample problems become errors on that sample's result. Raw pixels
 are read in place in the request bytes (services/wire.py). Samples from concurrent requests are batched together with
 `@serve.batch`, a request entering in chunks counted by their samples, so many small requests still run the model on
-full batches and a large one costs one queue entry per batch. Every response carries the replica's provenance
-(services/provenance.py), computed once at start; replicas export Prometheus metrics (services/metrics.py).
+full batches and a large one costs one queue entry per batch. Batches are scored on a worker thread, one at a time,
+or `max_concurrent_batches` at once for a reward that scores without the GIL. Every response carries the replica's
+provenance (services/provenance.py), computed once at start; replicas export Prometheus metrics (services/metrics.py).
 
 No `from __future__ import annotations` here: Serve reads `build_app`'s parameter annotation to validate `args`.
 """
@@ -69,6 +70,14 @@ class RewardAppArgs(AdmissionArgs):
     )
     batch_wait_timeout_s: float = Field(
         default=0.01, ge=0.0, description="How long a partial batch waits for more samples before it runs."
+    )
+    max_concurrent_batches: int = Field(
+        default=1,
+        ge=1,
+        description="Batches scored at once, each on its own worker thread (Serve's `max_concurrent_batches`). "
+        "Above 1 only for a thread-safe reward that releases the GIL while it scores (jpeg_compressibility: PIL's "
+        "encoder), whose batches then use several cores; a torch reward keeps 1, its intra-op threads already use "
+        "the replica's CPUs.",
     )
     max_prompt_chars: int = Field(default=4096, ge=1, description="Most characters in one prompt.")
 
@@ -153,8 +162,14 @@ class RewardDeployment:
         self.reward.load(resolve_device(args.device))
         self.info = self.reward.info()
         self.app_name = application_name(default=self.reward.name)
-        self._score_batch.set_max_batch_size(args.max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        # The batcher is built per replica from its args: Serve's decorator fixes `max_concurrent_batches` when it
+        # wraps, so a class-level decorator could not take it from the config.
+        self._score_batch = serve.batch(
+            max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_timeout_s,
+            max_concurrent_batches=args.max_concurrent_batches,
+            batch_size_fn=lambda chunks: sum(map(len, chunks)),
+        )(self._score_chunks)
         # Encoded images decode on these threads, one per CPU the replica was given.
         self._decode_threads = _replica_cpus()
         self._decode_pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="decode")
@@ -252,8 +267,8 @@ class RewardDeployment:
 
     # --- scoring ------------------------------------------------------------------------------------------------
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=lambda chunks: sum(map(len, chunks)))
-    async def _score_batch(self, chunks: list[list[tuple[Any, str]]]) -> list[list[RewardOutput | SampleFailure]]:
+    async def _score_chunks(self, chunks: list[list[tuple[Any, str]]]) -> list[list[RewardOutput | SampleFailure]]:
+        """One batch of Serve's batcher (`self._score_batch`): the chunks of one or more requests, scored together."""
         items = [item for chunk in chunks for item in chunk]
         self.metrics.batch_size.observe(len(items))
         start = time.perf_counter()

@@ -105,7 +105,7 @@ def test_serve_config(alignment_dir: str | None = None) -> dict:
     # One request at a time and a queue of one: concurrent requests are rejected with RESOURCE_EXHAUSTED.
     backpressure = copy.deepcopy(base)
     backpressure.update(name="jpeg_backpressure", route_prefix="/jpeg_backpressure")
-    backpressure["args"].update(max_batch_size=1, batch_wait_timeout_s=0.05)
+    backpressure["args"].update(max_batch_size=1, batch_wait_timeout_s=0.05, max_concurrent_batches=1)
     backpressure["deployments"] = [
         {"name": "reward", "max_ongoing_requests": 1, "max_queued_requests": 1, "ray_actor_options": {"num_cpus": 0.5}}
     ]

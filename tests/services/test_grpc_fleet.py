@@ -162,3 +162,73 @@ def test_serve_builtin_health_and_application_list_answer(fleet):
         assert api.Healthz(serve_pb2.HealthzRequest(), timeout=30).message == "success"
         apps = api.ListApplications(serve_pb2.ListApplicationsRequest(), timeout=30).application_names
     assert {"jpeg_compressibility", "jpeg_limited", "jpeg_backpressure"} <= set(apps)
+
+
+BARRIER_MODULE = "two_at_once"
+BARRIER_FILE = '''"""Scores 1.0 only while two batches are scored at the same time: each waits for the other, and a
+batch that waits alone for `wait_s` raises. Range {1.0}."""
+
+import threading
+
+from pydantic import Field
+
+from services.config import Config
+from services.registry import register
+from services.reward import Reward, RewardInfo, RewardOutput
+
+
+class TwoAtOnceConfig(Config):
+    wait_s: float = Field(default=3.0, gt=0.0, description="How long a batch waits for a second one.")
+
+
+@register("two_at_once")
+class TwoAtOnce(Reward):
+    Config = TwoAtOnceConfig
+
+    def load(self, device="cpu"):
+        self.barrier = threading.Barrier(2, timeout=self.config.wait_s)
+
+    def score(self, images, prompts):
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            self.barrier.reset()  # ready for the next pair
+            raise
+        return [RewardOutput(1.0) for _ in images]
+
+    def info(self):
+        return RewardInfo("two batches at once", 1.0, 1.0)
+'''
+
+
+def test_max_concurrent_batches_scores_that_many_batches_at_once(fleet, tmp_path):
+    """`max_concurrent_batches: 2`, batches of one sample, on a reward that succeeds only while two batches are
+    scored at the same time: a request alone fails after its wait, two requests at once are both scored. (With
+    Serve's default of one batch at a time, the second would wait for the first, which fails alone.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.registry import MODULES_ENV
+    from tests.services.test_real_architectures import served
+
+    (tmp_path / f"{BARRIER_MODULE}.py").write_text(BARRIER_FILE)
+    runtime_env = {"working_dir": f"local://{tmp_path}", "env_vars": {MODULES_ENV: BARRIER_MODULE}}
+    app = {
+        "name": BARRIER_MODULE,
+        "route_prefix": f"/{BARRIER_MODULE}",
+        "import_path": "services.serving:build_app",
+        "args": {
+            "reward": BARRIER_MODULE,
+            "device": "cpu",
+            "reward_config": {"wait_s": 2.0},
+            "max_batch_size": 1,
+            "max_concurrent_batches": 2,
+        },
+        "deployments": [{"name": "reward", "ray_actor_options": {"num_cpus": 0.1, "runtime_env": runtime_env}}],
+    }
+    image = np.zeros((8, 8, 3), np.uint8)
+    with served(app, fleet.grpc_target) as client:
+        (alone,) = client.score([image], "p")
+        with ThreadPoolExecutor(2) as pool:
+            pair = [r for f in [pool.submit(client.score, [image], "p") for _ in range(2)] for r in f.result()]
+    assert alone.error_code == "SCORING_FAILED" and "BrokenBarrierError" in alone.error_message
+    assert [(r.reward, r.error_code) for r in pair] == [(1.0, None), (1.0, None)]

@@ -120,3 +120,8 @@ def test_the_byte_limit_counts_samples_whether_the_request_came_as_bytes_or_pars
         parsed = dep.admission.score_request(wire, None)
         assert isinstance(parsed, reward_pb2.ScoreResponse) == over
         assert (dep.admission.request_problem(reward_pb2.ScoreRequest(samples=samples)) is not None) == over
+
+
+def test_max_concurrent_batches_must_be_positive():
+    with pytest.raises(ValueError, match="max_concurrent_batches"):
+        RewardAppArgs(reward="jpeg_compressibility", max_concurrent_batches=0)
