@@ -74,8 +74,9 @@ def _wait_until_running(apps: tuple[str, ...], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     # Polled every 0.25 s at first (a small config is running in seconds), then every 2 s: each `serve.status()`
     # rebuilds every deployment's config, and Ray cloudpickles each one's request router by value, scanning
-    # sys.modules. With torch imported and the test fleet's 15 deployments that took 0.3 s of CPU a call, 30 of the
-    # driver's CPU-seconds over a 70 s start at a fixed 0.25 s, taken from the replicas starting on the same cores.
+    # sys.modules. With torch imported and the test fleet's 15 deployments that took 0.3 s of CPU a call: 30 of the
+    # driver's CPU-seconds over a 70 s start at a fixed 0.25 s (5 with this backoff), taken from the replicas
+    # starting on the same cores.
     interval = 0.25
     while True:
         statuses = serve.status().applications
