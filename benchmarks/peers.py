@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks.serving import make_images, pct  # noqa: E402
+from benchmarks.serving import DIRECT_PORT, make_images, pct  # noqa: E402
 
 ALL_CASES = ("inprocess", "pickle", "json", "serve", "direct", "serve_resized", "direct_resized", "haproxy")
 # HAProxy tuned for large gRPC messages: 128 KB HTTP/2 frames (Ray's default 16 KB) in 256 KB buffers, 8 MB flow
@@ -61,7 +61,6 @@ HAPROXY_TUNED = {
     "RAY_SERVE_HAPROXY_H2_FE_INITIAL_WINDOW_SIZE": "8388608",
     "RAY_SERVE_HAPROXY_NBTHREAD": "1",
 }
-DIRECT_PORT = 40000
 
 
 # --- the peer-style server -------------------------------------------------------------------------------------
