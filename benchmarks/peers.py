@@ -18,6 +18,9 @@ requests of `--batch` images kept in flight by as many client threads, for `--se
   resizes to the input resolution the reward declares (CLIP and BLIP-2 rewards) before sending. With
   `--reward clip_score --clip-size 224`, clip_score serves the tiny seeded CLIP with a 224 px processor (a stand-in for
   a GPU-fast CLIP: the wire dominates), so 512 px images go as 224 px, as for the real rewards.
+- `serve_shm`, `direct_shm`: `serve` and `direct` with `RewardClient(shared_memory=True)`: the client writes each
+  request's pixels once into a shared-memory segment of its own and sends only where they are; the replica maps them
+  (`services/shared_memory.py`; the client is on the fleet's host here).
 - `haproxy`: Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`, which implies direct ingress), with HTTP/2
   frames and windows sized for 25 MB requests (`--haproxy-untuned` keeps Ray's defaults).
 
@@ -51,7 +54,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from benchmarks.serving import DIRECT_PORT, make_images, pct  # noqa: E402
 
-ALL_CASES = ("inprocess", "pickle", "json", "serve", "direct", "serve_resized", "direct_resized", "haproxy")
+ALL_CASES = (
+    "inprocess",
+    "pickle",
+    "json",
+    "serve",
+    "direct",
+    "serve_resized",
+    "direct_resized",
+    "haproxy",
+    "serve_shm",
+    "direct_shm",
+)
 # HAProxy tuned for large gRPC messages: 128 KB HTTP/2 frames (Ray's default 16 KB) in 256 KB buffers, 8 MB flow
 # control windows (64 KB), one thread (4) on a 2-core machine.
 HAPROXY_TUNED = {
@@ -294,9 +308,12 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
             target,
             args.reward,
             max_samples_per_request=args.batch,
-            max_in_flight=1,
+            # The case's client threads share this client: each needs a request slot of its own (the client's
+            # pool of `max_in_flight` threads carries every thread's calls).
+            max_in_flight=args.in_flight,
             channel_options=options,
             resize_to_input=case.endswith("_resized"),
+            shared_memory=case.endswith("_shm"),
         )
 
         def call():
@@ -306,8 +323,12 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
     try:
         if case not in ("pickle", "json"):
             warm_up(client, images, prompts, case, args.reward)
+            if case.endswith("_shm") and not client.stats.shared_memory:
+                raise RuntimeError(f"{case}: the client did not use shared memory (see its warning)")
         return measure(call, args.seconds, args.in_flight, args.batch, process_roles(proc.pid))
     finally:
+        if case not in ("pickle", "json"):
+            client.close()  # unlinks its shared-memory segments
         stop_server(proc)
 
 

@@ -30,6 +30,7 @@ from services.codec import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_sample_i
 from services.config import Config
 from services.metrics import RewardMetrics
 from services.reward import SampleFailure
+from services.shared_memory import SegmentReader, host_identity
 
 
 class AdmissionArgs(Config):
@@ -46,6 +47,12 @@ class AdmissionArgs(Config):
         default=DEFAULT_MAX_IMAGE_PIXELS,
         ge=1,
         description="Most pixels (height * width) in one image, checked before decoding.",
+    )
+    shared_memory: bool = Field(
+        default=True,
+        description="Accept raw images that a client on this replica's host passes in POSIX shared memory "
+        "(`SharedMemoryImage`, services/shared_memory.py: segments named rewardfleet_*, mapped read-only) instead of "
+        "in the request. When false, such samples get SHARED_MEMORY_UNAVAILABLE and Describe reports no host.",
     )
     auth_token_env: str | None = Field(
         default=None,
@@ -204,6 +211,7 @@ class Admission:
         limits = self.limits
         return reward_pb2.DescribeResponse(
             name=self.reward_name,
+            shared_memory_host=host_identity() if limits.shared_memory else "",
             max_samples_per_request=limits.max_samples_per_request,
             max_request_bytes=limits.max_request_bytes,
             max_image_pixels=limits.max_image_pixels,
@@ -213,11 +221,16 @@ class Admission:
 
 
 def decode_samples(
-    samples, max_image_pixels: int, max_prompt_chars: int, raw_views: Sequence[memoryview | None] | None = None
+    samples,
+    max_image_pixels: int,
+    max_prompt_chars: int,
+    raw_views: Sequence[memoryview | None] | None = None,
+    segments: SegmentReader | None = None,
 ) -> list[tuple[Any, str] | SampleFailure]:
     """(image, prompt) per sample, or the SampleFailure that becomes that sample's error (INVALID_PROMPT, ...).
 
-    `raw_views` (`services.wire.raw_data_views` of the request bytes) lets raw images be read without a copy.
+    `raw_views` (`services.wire.raw_data_views` of the request bytes) lets raw images be read without a copy;
+    `segments` reads shared-memory images (None: the application does not accept them).
     """
     decoded: list[tuple[Any, str] | SampleFailure] = []
     if raw_views is None or len(raw_views) != len(samples):
@@ -233,7 +246,7 @@ def decode_samples(
             )
             continue
         try:
-            decoded.append((decode_sample_image(s, max_image_pixels, view), prompt))
+            decoded.append((decode_sample_image(s, max_image_pixels, view, segments), prompt))
         except ImageError as e:
             decoded.append(SampleFailure(e.code, e.message))
     return decoded

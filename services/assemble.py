@@ -84,7 +84,9 @@ class AssembleAppArgs(AdmissionArgs):
 
     Its request limits (AdmissionArgs) should stay within the components' own; with `auth_token_env`, gRPC calls
     must carry the token. The components are called through DeploymentHandles inside the cluster, so their own
-    token checks do not apply to those calls.
+    token checks do not apply to those calls. The request goes to the components as it came: they read its
+    shared-memory images themselves, each under its own `shared_memory`; this application's says only whether its
+    Describe reports a host.
     """
 
     components: list[ComponentArgs] = Field(min_length=1, description="The component rewards (distinct applications).")
@@ -196,7 +198,11 @@ class AssembleDeployment:
                     scores[name][i] = result.reward
 
         # 2. Samples a required component failed are out; the rest are combined from the components that answered.
-        failed = [any(e.required for e in errs) for errs in errors]
+        #    A component that cannot read a sample's shared memory (another host) fails it whole, optional or not:
+        #    the client resends it in the request rather than get a score missing that component.
+        unreadable_code = reward_pb2.ErrorCode.SHARED_MEMORY_UNAVAILABLE
+        unreadable = [any(e.code == unreadable_code for e in errs) for errs in errors]
+        failed = [any(e.required for e in errs) or u for errs, u in zip(errors, unreadable, strict=True)]
         kept = {name: np.where(failed, np.nan, s) for name, s in scores.items()}
         weights = {name: c.weight for name, c in self.components.items()}
         if self.args.combine == "weighted_sum":
@@ -221,6 +227,9 @@ class AssembleDeployment:
                 )
                 what = "required component failed" if failed[i] else "no component could score it"
                 result.error.code = reward_pb2.ErrorCode.COMPONENT_FAILED
+                if unreadable[i]:
+                    what = "a component cannot read the sample's shared memory; send the pixels in the request"
+                    result.error.code = unreadable_code
                 result.error.message = f"{what} ({reasons})"[:1000]
             else:
                 result.reward = float(combined[i])

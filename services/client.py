@@ -15,6 +15,10 @@
   declares, e.g. 512 x 512 to 224 x 224 for CLIP rewards), when that makes them smaller: fewer bytes on the wire,
   scores bit-identical (`services.resolution`). Only raw and PNG transports, and only where the reward declares one
   and this process has the server's torch and torchvision versions; otherwise images go at full size.
+- `shared_memory=True`, for a client on the fleet's host: raw pixels are written once into shared-memory segments
+  this client owns, and requests carry only where they are (`services.shared_memory`); the replica maps them. Used
+  only when the replica answering Describe is on this host; a sample a replica cannot read (another node behind the
+  same proxy) is resent with its pixels in the request, and the client sends that way from then on.
 - Results come back one per sample, in input order: scored, or with the sample's error. A sample too large to send
   at all gets a NOT_SENT error. A call that still fails after its retries raises `RewardServiceError`: the caller
   never sees a silent zero.
@@ -41,6 +45,7 @@ from services.codec import encode_image, to_hwc_uint8
 from services.resolution import InputResolution, local_implementation, resize
 from services.retries import retry_policy
 from services.reward import SegmentScore
+from services.shared_memory import SegmentPool, aligned, host_identity, write_pixels
 from services.wire import FramedSample, frame_sample
 
 _SCORE_METHOD = "/reward.v1.RewardService/Score"
@@ -102,6 +107,9 @@ class ClientStats:
     samples: int = 0
     # Images resized on the client before sending (`resize_to_input`).
     resized: int = 0
+    # Images sent in shared memory (`shared_memory`), and those a replica could not read, resent in the request.
+    shared_memory: int = 0
+    shared_memory_resent: int = 0
 
 
 def _split_images(images: Any) -> list[Any]:
@@ -164,11 +172,14 @@ class RewardClient:
         discover_limits: bool = True,
         channel_options: Sequence[tuple[str, Any]] = (),
         resize_to_input: bool = False,
+        shared_memory: bool = False,
     ):
         if max_samples_per_request < 1 or max_in_flight < 1 or max_request_bytes < 1:
             raise ValueError("max_samples_per_request, max_request_bytes and max_in_flight must be >= 1")
         if image_format not in ("raw", "png", "jpeg", "webp"):
             raise ValueError(f"image_format must be raw, png, jpeg or webp, got {image_format!r}")
+        if shared_memory and image_format != "raw":
+            raise ValueError(f"shared_memory passes raw pixels: it needs image_format='raw', got {image_format!r}")
         self.target = target
         self.application = application
         # Our request limits (the server's apply as well), requests kept in flight, and each call's deadline.
@@ -186,6 +197,11 @@ class RewardClient:
         self.resize_to_input = resize_to_input
         self.input_resolution: InputResolution | None = None
         self._described = False
+        # Raw pixels in shared memory (module docstring): asked for, and on once Describe shows the replica's host is
+        # this one. Segments are leased per request from the pool and reused.
+        self.shared_memory = shared_memory
+        self._shared_memory_on = False
+        self._segments = SegmentPool(keep=max_in_flight + 1)
         # TLS (e.g. grpc.ssl_channel_credentials()) when the fleet is behind a TLS-terminating proxy; None: plaintext.
         self.credentials = credentials
         # The fleet's shared token, for applications served with `auth_token_env`.
@@ -251,13 +267,19 @@ class RewardClient:
             for i, p, x in self._inputs(images, prompts, ids)
         ]
 
-    def plan(self, samples: Sequence[reward_pb2.Sample | FramedSample]) -> tuple[list[bytes], list[int], list[Any]]:
+    def plan(
+        self, samples: Sequence[reward_pb2.Sample | FramedSample], segments: list | None = None
+    ) -> tuple[list[bytes], list[int], list[Any]]:
         """Splits samples into serialized requests under the limits, keeping order.
 
         Requests are framed from each sample's wire bytes (`repeated Sample samples = 1`): the pixels are copied
         once, into the request. A sample's size is its serialized size, what the server's byte limit counts.
         Returns the request bytes, the sample count of each request, and a slot per sample: the index of its
         request, or a `SampleResult` with a NOT_SENT error for a sample larger than the byte limit on its own.
+
+        With `segments` (a list), raw pixels go in shared memory instead: each request's are copied once into a
+        segment leased from the client's pool, appended to `segments`, which the caller releases
+        (`_segments.release`) once the requests are answered. Requests split as they would with the pixels inside.
         """
         max_samples, max_bytes = self.max_samples_per_request, self.max_request_bytes
         if self._server_limits is not None:
@@ -269,7 +291,10 @@ class RewardClient:
         current_bytes = 0
 
         def flush():
-            requests.append(b"".join(part for sample in current for part in sample.framed()))
+            if segments is None:
+                requests.append(b"".join(part for sample in current for part in sample.framed()))
+            else:
+                requests.append(b"".join(self._in_shared_memory(current, segments)))
             counts.append(len(current))
 
         for s in map(_framed, samples):
@@ -294,6 +319,45 @@ class RewardClient:
             flush()
         return requests, counts, slots
 
+    def _in_shared_memory(self, samples: list[FramedSample], segments: list) -> list[bytes | memoryview]:
+        """The wire parts of one request whose raw images are in a leased segment (the others as they are)."""
+        raws = [s for s in samples if s.raw is not None]
+        if not raws:
+            return [part for sample in samples for part in sample.framed()]
+        segment = self._segments.lease(sum(aligned(len(s.raw[2])) for s in raws))
+        segments.append(segment)
+        parts: list[bytes | memoryview] = []
+        offset = 0
+        for s in samples:
+            if s.raw is None:
+                parts += s.framed()
+                continue
+            height, width, pixels = s.raw
+            write_pixels(segment, offset, pixels)
+            parts += frame_sample(s.id, s.prompt, shared_memory=(segment.name, offset, height, width)).framed()
+            offset += aligned(len(pixels))
+        self.stats.shared_memory += len(raws)
+        return parts
+
+    def _unreadable(self, samples: list[FramedSample], results: list[SampleResult]) -> list[int]:
+        """Indices of the samples sent in shared memory that a replica could not read; shared memory goes off."""
+        refused = [
+            i
+            for i, (s, r) in enumerate(zip(samples, results, strict=True))
+            if s.raw is not None and r.error_code == "SHARED_MEMORY_UNAVAILABLE"
+        ]
+        if refused:
+            self._shared_memory_on = False
+            self.stats.shared_memory_resent += len(refused)
+            self.stats.samples -= len(refused)  # counted again when resent
+            why = results[refused[0]].error_message
+            warnings.warn(
+                f"{self.application}: a replica cannot read this client's shared memory ({why}); resending in the "
+                "request, and sending pixels in requests from now on",
+                stacklevel=3,
+            )
+        return refused
+
     def _results_in_order(self, counts, responses, slots) -> list[SampleResult]:
         """One result per sample, in input order, from the responses of `plan`'s requests and its slots."""
         per_request = []
@@ -310,13 +374,23 @@ class RewardClient:
         return out
 
     def _needs_describe(self) -> bool:
-        return (self.discover_limits or self.resize_to_input) and not self._described
+        return (self.discover_limits or self.resize_to_input or self.shared_memory) and not self._described
 
     def _set_server_limits(self, info: reward_pb2.DescribeResponse) -> None:
         """Takes what the client needs from the server's Describe: its request limits, its input resolution."""
         self._described = True
         if self.discover_limits:
             self._server_limits = (info.max_samples_per_request or 2**31, info.max_request_bytes or 2**62)
+        if self.shared_memory:
+            local = host_identity()
+            self._shared_memory_on = bool(local) and info.shared_memory_host == local
+            if not self._shared_memory_on:
+                where = "does not accept shared memory" if not info.shared_memory_host else "is on another host"
+                warnings.warn(
+                    f"{self.application}: sending pixels in the request: the replica {where} "
+                    f"(its shared memory {info.shared_memory_host or '-'}, this process's {local or '-'})",
+                    stacklevel=3,
+                )
         if self.resize_to_input and info.HasField("input_resolution"):
             resolution = InputResolution.from_proto(info.input_resolution)
             local = local_implementation()
@@ -382,9 +456,24 @@ class RewardClient:
         """Scores prepared samples; see `score`."""
         if self._needs_describe():
             self._set_server_limits(self.describe())
-        requests, counts, slots = self.plan(samples)
-        _, pool = self._sync()
-        responses = list(pool.map(lambda r: self._call("Score", r), requests))
+        samples = [_framed(s) for s in samples]
+        shared = self._shared_memory_on
+        results = self._score_framed(samples, shared)
+        refused = self._unreadable(samples, results) if shared else []
+        if refused:
+            for i, result in zip(refused, self._score_framed([samples[i] for i in refused], False), strict=True):
+                results[i] = result
+        return results
+
+    def _score_framed(self, samples: list[FramedSample], shared: bool) -> list[SampleResult]:
+        segments: list | None = [] if shared else None
+        try:
+            requests, counts, slots = self.plan(samples, segments)
+            _, pool = self._sync()
+            responses = list(pool.map(lambda r: self._call("Score", r), requests))
+        finally:
+            if segments:
+                self._segments.release(segments)
         return self._results_in_order(counts, responses, slots)
 
     def score(self, images: Any, prompts: str | Sequence[str], ids: Sequence[str] | None = None) -> list[SampleResult]:
@@ -423,14 +512,30 @@ class RewardClient:
         """Scores prepared samples; see `ascore`."""
         if self._needs_describe():
             self._set_server_limits(await self.adescribe())
-        requests, counts, slots = self.plan(samples)
+        samples = [_framed(s) for s in samples]
+        shared = self._shared_memory_on
+        results = await self._ascore_framed(samples, shared)
+        refused = self._unreadable(samples, results) if shared else []
+        if refused:
+            again = await self._ascore_framed([samples[i] for i in refused], False)
+            for i, result in zip(refused, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _ascore_framed(self, samples: list[FramedSample], shared: bool) -> list[SampleResult]:
+        segments: list | None = [] if shared else None
         window = asyncio.Semaphore(self.max_in_flight)
 
         async def one(request):
             async with window:
                 return await self._acall("Score", request)
 
-        responses = await asyncio.gather(*(one(r) for r in requests))
+        try:
+            requests, counts, slots = self.plan(samples, segments)
+            responses = await asyncio.gather(*(one(r) for r in requests))
+        finally:
+            if segments:
+                self._segments.release(segments)
         return self._results_in_order(counts, responses, slots)
 
     async def ascore(
@@ -456,6 +561,7 @@ class RewardClient:
             if self._pool is not None:
                 self._pool.shutdown(wait=False)
             self._channel = self._stub = self._pool = None
+        self._segments.close()
 
     async def aclose(self) -> None:
         """Closes the aio channel of the running event loop."""

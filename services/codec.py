@@ -11,10 +11,13 @@ layer turns it into a per-sample error so one bad image never costs the rest of 
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # services.shared_memory imports this module
+    from services.shared_memory import SegmentReader
 
 # Formats accepted for encoded images on the wire.
 ENCODED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -31,7 +34,8 @@ class ImageError(ValueError):
         self.message = message
 
 
-def _check_size(height: int, width: int, max_pixels: int) -> None:
+def check_image_size(height: int, width: int, max_pixels: int) -> None:
+    """INVALID_IMAGE for a size that is not positive, IMAGE_TOO_LARGE above `max_pixels`."""
     if height <= 0 or width <= 0:
         raise ImageError("INVALID_IMAGE", f"image size must be positive, got {height}x{width}")
     if height * width > max_pixels:
@@ -56,7 +60,7 @@ def decode_encoded(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> n
     except Exception as e:  # PIL raises several types for unidentifiable data
         raise ImageError("INVALID_IMAGE", f"not a decodable PNG, JPEG or WebP image ({type(e).__name__})") from None
     width, height = img.size
-    _check_size(height, width, max_pixels)
+    check_image_size(height, width, max_pixels)
     try:
         img.load()
         if img.mode != "RGB":
@@ -73,7 +77,7 @@ def decode_raw(
     height: int, width: int, data: bytes | memoryview, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 ) -> np.ndarray:
     """Views raw uint8 RGB bytes as a (H, W, 3) array (no copy; read-only)."""
-    _check_size(height, width, max_pixels)
+    check_image_size(height, width, max_pixels)
     expected = height * width * 3
     if len(data) != expected:
         raise ImageError(
@@ -84,12 +88,16 @@ def decode_raw(
 
 
 def decode_sample_image(
-    sample: Any, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raw_data: memoryview | None = None
+    sample: Any,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    raw_data: memoryview | None = None,
+    segments: SegmentReader | None = None,
 ) -> np.ndarray:
     """Decodes the image of a `reward.v1.Sample`, whichever transport it uses.
 
     `raw_data`, when given, is the raw image's pixel bytes as a view into the request (`services.wire`): reading
-    `sample.raw.data` from protobuf would copy them.
+    `sample.raw.data` from protobuf would copy them. `segments` reads shared-memory images (`services.shared_memory`);
+    None: the application does not accept them.
     """
     kind = sample.WhichOneof("image")
     if kind == "encoded":
@@ -97,7 +105,16 @@ def decode_sample_image(
     if kind == "raw":
         data = raw_data if raw_data is not None else sample.raw.data
         return decode_raw(sample.raw.height, sample.raw.width, data, max_pixels)
-    raise ImageError("MISSING_IMAGE", "sample has no image (set `encoded` or `raw`)")
+    if kind == "shared_memory":
+        if segments is None:
+            raise ImageError(
+                "SHARED_MEMORY_UNAVAILABLE",
+                "this application does not accept shared-memory images (`shared_memory: false`); send the pixels in "
+                "the request",
+            )
+        shm = sample.shared_memory
+        return segments.pixels(shm.segment, shm.offset, shm.height, shm.width, max_pixels)
+    raise ImageError("MISSING_IMAGE", "sample has no image (set `encoded`, `raw` or `shared_memory`)")
 
 
 def to_hwc_uint8(image: Any) -> np.ndarray:

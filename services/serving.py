@@ -11,7 +11,8 @@ from the `args:` of a Serve config file:
 
 A call first passes the application's `Admission` (services/admission.py: token, application name, request limits;
 INVALID_ARGUMENT before any image is decoded); per-sample problems become errors on that sample's result. Raw pixels
-are read in place in the request bytes (services/wire.py). Samples from concurrent requests are batched together with
+are read in place in the request bytes (services/wire.py), or in a client's shared memory on the replica's host
+(services/shared_memory.py). Samples from concurrent requests are batched together with
 `@serve.batch`, a request entering in chunks counted by their samples, so many small requests still run the model on
 full batches and a large one costs one queue entry per batch. Batches are scored on a worker thread, one at a time,
 or `max_concurrent_batches` at once for a reward that scores without the GIL. Every response carries the replica's
@@ -40,6 +41,7 @@ from services.metrics import RewardMetrics
 from services.provenance import build_provenance
 from services.registry import build_reward
 from services.reward import RewardOutput, SampleFailure
+from services.shared_memory import SegmentReader
 from services.wire import raw_data_views
 
 logger = logging.getLogger("ray.serve")
@@ -170,6 +172,8 @@ class RewardDeployment:
             max_concurrent_batches=args.max_concurrent_batches,
             batch_size_fn=lambda chunks: sum(map(len, chunks)),
         )(self._score_chunks)
+        # Shared-memory images (services.shared_memory) are viewed in their clients' segments, mapped once each.
+        self._segments = SegmentReader() if args.shared_memory else None
         # Encoded images decode on these threads, one per CPU the replica was given.
         self._decode_threads = _replica_cpus()
         self._decode_pool = ThreadPoolExecutor(self._decode_threads, thread_name_prefix="decode")
@@ -198,14 +202,15 @@ class RewardDeployment:
         if isinstance(request, reward_pb2.ScoreResponse):  # rejected; the status is set
             return request
 
-        # 1. Decode; raw pixels are viewed in the request bytes (services.wire), encoded images decode in parallel
-        #    off the event loop, so the replica keeps taking requests meanwhile.
+        # 1. Decode; raw pixels are viewed in the request bytes (services.wire) or in a client's shared-memory
+        #    segment (services.shared_memory), encoded images decode in parallel off the event loop, so the replica
+        #    keeps taking requests meanwhile.
         samples, args = request.samples, self.args
         views = raw_data_views(wire) if wire is not None else None
         if any(s.WhichOneof("image") == "encoded" for s in samples):
             decoded = await self._decode_in_parallel(samples, views)
         else:
-            decoded = decode_samples(samples, args.max_image_pixels, args.max_prompt_chars, views)
+            decoded = decode_samples(samples, args.max_image_pixels, args.max_prompt_chars, views, self._segments)
 
         # 2. The valid samples join the cross-request batcher in chunks of at most max_batch_size, counted by their
         #    samples (`batch_size_fn`): batches fill across requests with one queue entry per chunk, not per sample.
@@ -242,6 +247,7 @@ class RewardDeployment:
                     args.max_image_pixels,
                     args.max_prompt_chars,
                     views[a:b],
+                    self._segments,
                 )
                 for a, b in zip(bounds[:-1], bounds[1:], strict=True)
             )

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 
 # Wire types.
 VARINT, I64, LEN, I32 = 0, 1, 2, 5
-# ScoreRequest.samples = 1; Sample: id = 1, prompt = 2, encoded = 3, raw = 4; RawImage: height = 1, width = 2,
-# data = 3.
+# ScoreRequest.samples = 1; Sample: id = 1, prompt = 2, encoded = 3, raw = 4, shared_memory = 5; RawImage:
+# height = 1, width = 2, data = 3; SharedMemoryImage: segment = 1, offset = 2, height = 3, width = 4.
 REQUEST_SAMPLES = 1
-SAMPLE_ID, SAMPLE_PROMPT, SAMPLE_ENCODED, SAMPLE_RAW = 1, 2, 3, 4
+SAMPLE_ID, SAMPLE_PROMPT, SAMPLE_ENCODED, SAMPLE_RAW, SAMPLE_SHARED_MEMORY = 1, 2, 3, 4, 5
 RAW_HEIGHT, RAW_WIDTH, RAW_DATA = 1, 2, 3
+SHM_SEGMENT, SHM_OFFSET, SHM_HEIGHT, SHM_WIDTH = 1, 2, 3, 4
 
 
 def varint(n: int) -> bytes:
@@ -53,6 +54,10 @@ class FramedSample:
     id: str
     parts: tuple[bytes | memoryview, ...]
     size: int
+    # For a raw image: the sample's prompt and its (height, width, pixel buffer), so a client can send the same
+    # sample in shared memory instead (`frame_sample(shared_memory=...)`).
+    prompt: str = ""
+    raw: tuple[int, int, memoryview] | None = None
 
     def framed(self) -> list[bytes | memoryview]:
         """The parts of `ScoreRequest.samples` entry: field tag, length, then the sample's bytes."""
@@ -65,14 +70,16 @@ def frame_sample(
     *,
     raw: tuple[int, int, memoryview] | None = None,
     encoded: bytes | None = None,
+    shared_memory: tuple[str, int, int, int] | None = None,
 ) -> FramedSample:
-    """The wire form of a Sample with a raw image (height, width, pixel buffer) or encoded bytes.
+    """The wire form of a Sample with a raw image (height, width, pixel buffer), encoded bytes, or a shared-memory
+    image (segment, offset, height, width).
 
     Canonical proto3 encoding, as `SerializeToString` writes it: fields in number order, empty strings and zero
     numbers left out, the oneof's field written even when empty. The pixel buffer is referenced, not copied.
     """
-    if (raw is None) == (encoded is None):
-        raise ValueError("frame_sample takes exactly one of raw= and encoded=")
+    if sum(x is not None for x in (raw, encoded, shared_memory)) != 1:
+        raise ValueError("frame_sample takes exactly one of raw=, encoded= and shared_memory=")
     head = bytearray()
     for field, text in ((SAMPLE_ID, sample_id), (SAMPLE_PROMPT, prompt)):
         if text:
@@ -81,6 +88,17 @@ def frame_sample(
     if encoded is not None:
         head += _len_field(SAMPLE_ENCODED, len(encoded))
         return FramedSample(sample_id, (bytes(head), encoded), len(head) + len(encoded))
+    if shared_memory is not None:
+        segment, offset, height, width = shared_memory
+        inner = bytearray()
+        if segment:
+            name = segment.encode("utf-8")
+            inner += _len_field(SHM_SEGMENT, len(name)) + name
+        for field, value in ((SHM_OFFSET, offset), (SHM_HEIGHT, height), (SHM_WIDTH, width)):
+            if value:
+                inner += tag(field, VARINT) + varint(value)
+        head += _len_field(SAMPLE_SHARED_MEMORY, len(inner)) + inner
+        return FramedSample(sample_id, (bytes(head),), len(head))
     height, width, pixels = raw
     pixels = memoryview(pixels).cast("B")
     inner = bytearray()
@@ -90,7 +108,7 @@ def frame_sample(
     if len(pixels):
         inner += _len_field(RAW_DATA, len(pixels))
     head += _len_field(SAMPLE_RAW, len(inner) + len(pixels)) + inner
-    return FramedSample(sample_id, (bytes(head), pixels), len(head) + len(pixels))
+    return FramedSample(sample_id, (bytes(head), pixels), len(head) + len(pixels), prompt, (height, width, pixels))
 
 
 class _Malformed(Exception):

@@ -100,7 +100,7 @@ def test_serve_config(alignment_dir: str | None = None) -> dict:
 
     limited = copy.deepcopy(base)
     limited.update(name="jpeg_limited", route_prefix="/jpeg_limited")
-    limited["args"].update(LIMITED)
+    limited["args"].update(LIMITED, shared_memory=False)  # and clients on this host send it pixels all the same
 
     # One request at a time and a queue of one: concurrent requests are rejected with RESOURCE_EXHAUSTED.
     backpressure = copy.deepcopy(base)

@@ -121,6 +121,13 @@ class RewardsConfig(Config):
         "to 224 px for CLIP rewards) before sending: fewer bytes, bit-identical scores (services.resolution). Raw "
         "and png only; a reward that declares none or a server on other torch/torchvision gets full size.",
     )
+    shared_memory: bool = Field(
+        True,
+        description="Pass raw images to rewards on this worker's host in POSIX shared memory instead of in the "
+        "request (services.shared_memory): each request's pixels are copied once and the replica maps them. Used "
+        "only where the reward's Describe shows a replica on this host (one that is not is sent pixels, with a "
+        "warning); raw only.",
+    )
     token_env: str | None = Field(
         None,
         description="Name of an environment variable holding the fleet's shared token (applications with "

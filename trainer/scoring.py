@@ -39,6 +39,7 @@ class BackgroundScorer:
                 max_retries=config.max_retries,
                 image_format=config.image_format,
                 resize_to_input=config.resize_to_input,
+                shared_memory=config.shared_memory and config.image_format == "raw",
                 token=token,
             )
             for name in config.scored  # the optimised rewards and the monitored ones

@@ -5,16 +5,25 @@ Score: minus the size, in kB (1 kB = 1000 bytes), of the image encoded as JPEG a
 uniform pixel noise at 512x512 about -308 (the lower end grows with the pixel count). Higher means more
 compressible: fewer edges and less texture. It needs no weights, which makes it the reward the trainer's
 end-to-end tests optimise.
+
+The JPEG is written to a per-thread in-memory file (a memfd on Linux, a temporary file elsewhere) and only its length
+is read. Pillow's encoder releases the GIL when it writes to a file descriptor but holds it while it fills a
+`BytesIO`, so this is what lets the replica's concurrent batches (`max_concurrent_batches`) encode on several cores
+(benchmarks/README.md); the bytes, and so the scores, are the same as a `BytesIO` save.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import tempfile
+import threading
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 from pydantic import Field
 
-from services.codec import encode_image
 from services.config import Config
 from services.registry import register
 from services.reward import Reward, RewardInfo, RewardOutput
@@ -22,6 +31,24 @@ from services.reward import Reward, RewardInfo, RewardOutput
 
 class JpegCompressibilityConfig(Config):
     quality: int = Field(95, ge=1, le=95, description="JPEG quality used to measure size (1-95); DDPO uses 95.")
+
+
+_scratch = threading.local()
+
+
+def jpeg_size(image: np.ndarray, quality: int) -> int:
+    """Bytes of `image` ((H, W, 3) uint8) encoded as JPEG at `quality`, encoded without holding the GIL."""
+    out = getattr(_scratch, "file", None)
+    if out is None:
+        # Unbuffered, so tell() is the descriptor's own offset, where Pillow's C encoder wrote to.
+        if hasattr(os, "memfd_create"):
+            out = io.FileIO(os.memfd_create("rewardfleet-jpeg"), "w+b")
+        else:
+            out = tempfile.TemporaryFile(buffering=0)
+        _scratch.file = out
+    out.seek(0)  # bytes left past the end from a larger image are never read
+    Image.fromarray(image).save(out, format="JPEG", quality=quality)
+    return out.tell()
 
 
 @register("jpeg_compressibility")
@@ -35,7 +62,7 @@ class JpegCompressibility(Reward):
     def score(self, images: Sequence[np.ndarray], prompts: Sequence[str]) -> list[RewardOutput]:
         outputs = []
         for image in images:
-            kb = len(encode_image(image, "JPEG", quality=self.config.quality)) / 1000.0
+            kb = jpeg_size(image, self.config.quality) / 1000.0
             outputs.append(RewardOutput(reward=-kb, components={"jpeg_kb": kb}))
         return outputs
 

@@ -177,3 +177,62 @@ def test_framed_requests_are_byte_identical_to_protobuf_serialization(rng):
     assert counts == [3, 2]
     assert requests[0] == reward_pb2.ScoreRequest(samples=samples[:3]).SerializeToString()
     assert requests[1] == reward_pb2.ScoreRequest(samples=samples[3:]).SerializeToString()
+
+
+def test_shared_memory_sends_where_the_pixels_are_and_scores_exactly_as_raw(fleet, rng):
+    """`shared_memory=True` on the fleet's host: requests carry segment references, not pixels, and every score is
+    the raw transport's, sync and async; a corrupt encoded sample among them still gets its own error."""
+    from services.shared_memory import SHM_DIR
+
+    images = random_images(rng, 10, size=64)
+    expected = _in_process(images)
+    client = RewardClient(fleet.grpc_target, "jpeg_compressibility", shared_memory=True, max_samples_per_request=4)
+    assert [r.reward for r in client.score(images, "p")] == expected
+    assert client.stats.shared_memory == 10 and client.stats.shared_memory_resent == 0
+
+    segments: list = []
+    requests, counts, _ = client.plan(client.frame_samples(images, "p"), segments)
+    client._segments.release(segments)
+    assert counts == [4, 4, 2] and len(segments) == 3
+    assert sum(map(len, requests)) < 100 * len(images) < sum(img.nbytes for img in images)
+
+    async def run():
+        try:
+            return await client.ascore([*images[:3], b"not an image", *images[3:]], "p")
+        finally:
+            await client.aclose()
+
+    mixed = asyncio.run(run())
+    assert mixed[3].error_code == "INVALID_IMAGE"
+    assert [r.reward for r in mixed[:3] + mixed[4:]] == expected
+    names = {s.name for s in segments}
+    assert all((SHM_DIR / n).exists() for n in names)
+    client.close()  # the client's segments go with it
+    assert not any((SHM_DIR / n).exists() for n in names)
+
+
+def test_shared_memory_falls_back_to_the_request_where_a_replica_cannot_read_it(fleet, rng):
+    images = random_images(rng, 4, size=32)
+    # jpeg_limited serves with `shared_memory: false`: its Describe reports no host, so the client sends pixels.
+    limited = RewardClient(fleet.grpc_target, "jpeg_limited", shared_memory=True)
+    with pytest.warns(UserWarning, match="does not accept shared memory"):
+        assert [r.reward for r in limited.score(images, "p")] == _in_process(images)
+    assert limited.stats.shared_memory == 0
+    # assemble_ranks accepts it and forwards the request; its component jpeg_limited cannot read it, so every
+    # sample comes back SHARED_MEMORY_UNAVAILABLE and the client resends them with their pixels: the same results.
+    shared = RewardClient(fleet.grpc_target, "assemble_ranks", shared_memory=True)
+    with pytest.warns(UserWarning, match="cannot read this client's shared memory"):
+        got = shared.score(images, "p")
+    want = RewardClient(fleet.grpc_target, "assemble_ranks").score(images, "p")
+    assert all(r.ok for r in got) and [r.reward for r in got] == [r.reward for r in want]
+    assert [r.components for r in got] == [r.components for r in want]
+    assert (shared.stats.shared_memory, shared.stats.shared_memory_resent, shared.stats.samples) == (4, 4, 4)
+    shared.score(images, "p")  # from then on, in the request
+    assert shared.stats.shared_memory == 4 and shared.stats.samples == 8
+    limited.close()
+    shared.close()
+
+
+def test_shared_memory_needs_the_raw_transport():
+    with pytest.raises(ValueError, match="needs image_format='raw'"):
+        RewardClient("127.0.0.1:1", "jpeg_compressibility", shared_memory=True, image_format="png")

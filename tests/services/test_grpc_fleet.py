@@ -94,6 +94,42 @@ def test_bad_samples_get_their_own_error_and_the_rest_are_scored(stub, rng):
     assert [results[0].reward, results[6].reward] == [_in_process(images)[0], _in_process(images)[2]]
 
 
+def test_shared_memory_samples_are_read_in_place_and_bad_references_are_sample_errors(stub, rng):
+    """Shared-memory images over the wire (a client on the fleet's host): valid ones are scored as their raw
+    pixels would be; a name outside `rewardfleet_*`, a segment that does not exist, a range past its end and an
+    oversized image each fail alone, and the replica keeps serving."""
+    from services.shared_memory import SegmentPool, write_pixels
+
+    images = random_images(rng, 2, size=32)
+    pool = SegmentPool()
+    segment = pool.lease(2 * images[0].nbytes)
+    for k, img in enumerate(images):
+        write_pixels(segment, k * img.nbytes, memoryview(img).cast("B"))
+
+    def shm(name, offset=0, size=32):
+        ref = reward_pb2.SharedMemoryImage(segment=name, offset=offset, height=size, width=size)
+        return reward_pb2.Sample(prompt="p", shared_memory=ref)
+
+    try:
+        samples = [
+            shm(segment.name),
+            shm("../../etc/passwd"),
+            shm("rewardfleet_no_such_segment"),
+            shm(segment.name, offset=segment.size - 16),
+            shm(segment.name, size=5000),
+            shm(segment.name, offset=images[0].nbytes),
+        ]
+        results = _score(stub, samples).results
+        codes = [reward_pb2.ErrorCode.Name(r.error.code) if r.HasField("error") else None for r in results]
+        assert codes == [None, "INVALID_IMAGE", "SHARED_MEMORY_UNAVAILABLE", "INVALID_IMAGE", "IMAGE_TOO_LARGE", None]
+        assert "not allowed" in results[1].error.message and "does not exist" in results[2].error.message
+        assert [results[0].reward, results[5].reward] == _in_process(images)
+        assert [r.reward for r in _score(stub, [_raw(img) for img in images]).results] == _in_process(images)
+    finally:
+        pool.release([segment])
+        pool.close()
+
+
 def test_image_over_the_pixel_limit_is_a_sample_error(stub, rng):
     # Limit is 128 * 128 pixels; as PNG the image is small in bytes, so only the pixel limit applies.
     big = reward_pb2.Sample(prompt="p", encoded=encode_image(np.zeros((129, 128, 3), np.uint8), "PNG"))

@@ -38,3 +38,22 @@ def test_batch_composition_does_not_change_scores(rng):
     alone = [reward.score([img], ["p"])[0].reward for img in images]
     assert together == alone
     assert len(set(together)) > 1
+
+
+def test_scores_from_the_threads_memory_file_equal_an_in_memory_save_at_any_size_order(rng):
+    """The reward encodes into one memory file per thread (for the GIL, see its docstring): a small image after a
+    large one must not count the large one's bytes, and threads scoring at once do not share a file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def size(image):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="JPEG", quality=95)
+        return buf.tell()
+
+    images = [rng.integers(0, 256, (s, s + 3, 3), dtype=np.uint8) for s in (256, 8, 64, 1, 128)]
+    expected = [-size(img) / 1000 for img in images]
+    reward = _reward()
+    assert [o.reward for o in reward.score(images, ["p"] * 5)] == expected
+    with ThreadPoolExecutor(4) as pool:
+        runs = list(pool.map(lambda k: [o.reward for o in reward.score(images[k:] + images[:k], ["p"] * 5)], range(5)))
+    assert all(run == expected[k:] + expected[:k] for k, run in enumerate(runs))

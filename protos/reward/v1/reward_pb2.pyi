@@ -17,6 +17,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCORING_FAILED: _ClassVar[ErrorCode]
     COMPONENT_FAILED: _ClassVar[ErrorCode]
     NOT_SENT: _ClassVar[ErrorCode]
+    SHARED_MEMORY_UNAVAILABLE: _ClassVar[ErrorCode]
 ERROR_CODE_UNSPECIFIED: ErrorCode
 MISSING_IMAGE: ErrorCode
 INVALID_IMAGE: ErrorCode
@@ -25,6 +26,7 @@ INVALID_PROMPT: ErrorCode
 SCORING_FAILED: ErrorCode
 COMPONENT_FAILED: ErrorCode
 NOT_SENT: ErrorCode
+SHARED_MEMORY_UNAVAILABLE: ErrorCode
 
 class RawImage(_message.Message):
     __slots__ = ("height", "width", "data")
@@ -36,17 +38,31 @@ class RawImage(_message.Message):
     data: bytes
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class SharedMemoryImage(_message.Message):
+    __slots__ = ("segment", "offset", "height", "width")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    offset: int
+    height: int
+    width: int
+    def __init__(self, segment: _Optional[str] = ..., offset: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
+
 class Sample(_message.Message):
-    __slots__ = ("id", "prompt", "encoded", "raw")
+    __slots__ = ("id", "prompt", "encoded", "raw", "shared_memory")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     id: str
     prompt: str
     encoded: bytes
     raw: RawImage
-    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ...) -> None: ...
+    shared_memory: SharedMemoryImage
+    def __init__(self, id: _Optional[str] = ..., prompt: _Optional[str] = ..., encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., shared_memory: _Optional[_Union[SharedMemoryImage, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("samples", "options")
@@ -190,7 +206,7 @@ class InputResolution(_message.Message):
     def __init__(self, shortest_edge: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., resample: _Optional[str] = ..., implementation: _Optional[str] = ...) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("name", "description", "min_reward", "max_reward", "higher_is_better", "models", "max_samples_per_request", "max_request_bytes", "max_image_pixels", "max_batch_size", "options", "config_json", "provenance", "input_resolution")
+    __slots__ = ("name", "description", "min_reward", "max_reward", "higher_is_better", "models", "max_samples_per_request", "max_request_bytes", "max_image_pixels", "max_batch_size", "options", "config_json", "provenance", "input_resolution", "shared_memory_host")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MIN_REWARD_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +221,7 @@ class DescribeResponse(_message.Message):
     CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     INPUT_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_HOST_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     min_reward: float
@@ -219,4 +236,5 @@ class DescribeResponse(_message.Message):
     config_json: str
     provenance: Provenance
     input_resolution: InputResolution
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., min_reward: _Optional[float] = ..., max_reward: _Optional[float] = ..., higher_is_better: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_samples_per_request: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., config_json: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., input_resolution: _Optional[_Union[InputResolution, _Mapping]] = ...) -> None: ...
+    shared_memory_host: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., min_reward: _Optional[float] = ..., max_reward: _Optional[float] = ..., higher_is_better: _Optional[bool] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., max_samples_per_request: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., config_json: _Optional[str] = ..., provenance: _Optional[_Union[Provenance, _Mapping]] = ..., input_resolution: _Optional[_Union[InputResolution, _Mapping]] = ..., shared_memory_host: _Optional[str] = ...) -> None: ...
