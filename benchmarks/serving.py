@@ -7,7 +7,8 @@ Measures one application of the local profile, side by side on the same machine 
 2. raw vs PNG transport at batch 32 (PNG encoding on the client included);
 3. 64 concurrent single-sample clients with cross-request batching vs batching disabled.
 The in-process reward and the replica each get one torch thread. `--direct-ingress` serves through Serve's direct
-ingress instead of its proxy; `--resize-to-input` has every served client resize to the reward's declared input.
+ingress instead of its proxy; `--resize-to-input` has every served client resize to the reward's declared input;
+`--shared-memory` has the raw clients pass pixels in shared memory (services/shared_memory.py).
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ def main() -> None:
         help="every served client resizes raw images to the input resolution the reward declares in Describe",
     )
     parser.add_argument(
+        "--shared-memory",
+        action="store_true",
+        help="the raw clients pass pixels in shared memory (RewardClient(shared_memory=True); same host)",
+    )
+    parser.add_argument(
         "--direct-ingress",
         action="store_true",
         help="Serve's direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): each replica serves gRPC on its own port "
@@ -149,7 +155,8 @@ def main() -> None:
             targets = direct_targets(list(targets))
         # 2. Served: batch 1 and 32 with one request in flight (latency), 32 with 4 in flight (throughput).
         resize = {"resize_to_input": args.resize_to_input}
-        client = RewardClient(targets[args.app], args.app, max_samples_per_request=32, max_in_flight=4, **resize)
+        raw = {**resize, "shared_memory": args.shared_memory}
+        client = RewardClient(targets[args.app], args.app, max_samples_per_request=32, max_in_flight=4, **raw)
         client.score(batch, prompts)  # warm-up
         measure("served, batch 1, 1 in flight", 1, lambda: client.score(batch[:1], prompts[:1]))
         measure("served, batch 32, 1 in flight", 32, lambda: client.score(batch, prompts))
@@ -166,9 +173,9 @@ def main() -> None:
         # 4. Many concurrent single-sample clients: cross-request batching vs batching disabled.
         def concurrent(app: str) -> tuple[float, list[float]]:
             async def go():
-                client = RewardClient(targets[app], app, max_samples_per_request=1, **resize)
-                samples = client.make_samples(images[: args.clients], prompts[:1] * args.clients)
-                await client.ascore_samples(samples[:1])  # warm-up and limit discovery
+                client = RewardClient(targets[app], app, max_samples_per_request=1, **raw)
+                await client.ascore(images[:1], prompts[:1])  # warm-up; Describe: limits, resolution, host
+                samples = client.frame_samples(images[: args.clients], prompts[:1] * args.clients)
                 latencies: list[float] = []
                 stop = time.perf_counter() + args.seconds
 

@@ -324,7 +324,14 @@ class RewardClient:
         raws = [s for s in samples if s.raw is not None]
         if not raws:
             return [part for sample in samples for part in sample.framed()]
-        segment = self._segments.lease(sum(aligned(len(s.raw[2])) for s in raws))
+        try:
+            segment = self._segments.lease(sum(aligned(len(s.raw[2])) for s in raws))
+        except OSError as e:  # /dev/shm is full (ENOSPC): this request carries its pixels, and so do later ones
+            self._shared_memory_on = False
+            warnings.warn(
+                f"{self.application}: no shared memory for a request ({e}); sending pixels in requests", stacklevel=4
+            )
+            return [part for sample in samples for part in sample.framed()]
         segments.append(segment)
         parts: list[bytes | memoryview] = []
         offset = 0

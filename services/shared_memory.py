@@ -15,7 +15,9 @@ shared-memory extension does for its clients.
   shared memory only when its own is the same, and resends in the request any sample a replica answers with
   SHARED_MEMORY_UNAVAILABLE (a replica on another node behind the same proxy).
 - The client owns its segments: it rewrites one only after the request that used it has been answered, and unlinks
-  them on `close()` (Python's resource tracker unlinks those of a client that dies).
+  them on `close()` (Python's resource tracker unlinks those of a client that dies). A new segment's pages are
+  allocated when it is made, so a full /dev/shm is an error the client handles (it sends pixels in the request),
+  not a SIGBUS when it writes.
 - The replica keeps a mapping per segment, so a segment reused for every request is mapped, and its pages faulted
   in, once. A name whose file is gone or was replaced (another inode or size) is mapped again; mappings of segments
   that no longer exist are dropped whenever a new name arrives, and at most `max_segments` are kept.
@@ -153,7 +155,7 @@ class SegmentPool:
         self.created = 0
 
     def lease(self, nbytes: int) -> shared_memory.SharedMemory:
-        """A segment of at least `nbytes` that no other request is using."""
+        """A segment of at least `nbytes` that no other request is using; OSError (ENOSPC) when /dev/shm is full."""
         with self._lock:
             fitting = [s for s in self._free if s.size >= nbytes]
             if fitting:
@@ -163,6 +165,11 @@ class SegmentPool:
                 size = max(1, -(-nbytes // (1 << 20))) << 20  # whole MiB, so similar requests fit later
                 name = f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(8)}"
                 segment = shared_memory.SharedMemory(name=name, create=True, size=size)
+                try:
+                    _reserve(segment.name, size)
+                except OSError:
+                    _destroy(segment)
+                    raise
                 self.created += 1
             self._leased[segment.name] = segment
             return segment
@@ -185,6 +192,16 @@ class SegmentPool:
                 _destroy(self._free.pop())
             for segment in self._leased.values():
                 _unlink(segment)
+
+
+def _reserve(name: str, size: int) -> None:
+    """Allocates a new segment's pages now. A segment is sparse until written, and writing past what /dev/shm has
+    left (Docker's default is 64 MB) kills the writer with SIGBUS; fallocate fails with ENOSPC instead."""
+    fd = os.open(SHM_DIR / name, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
 
 
 def _destroy(segment: shared_memory.SharedMemory) -> None:

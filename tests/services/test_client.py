@@ -10,6 +10,7 @@ import tenacity
 from services.client import RewardClient, RewardServiceError
 from services.registry import build_reward
 from services.retries import retry_policy
+from services.shared_memory import SegmentPool
 from tests.conftest import LIMITED, free_port, random_images
 
 pytestmark = pytest.mark.integration
@@ -231,6 +232,23 @@ def test_shared_memory_falls_back_to_the_request_where_a_replica_cannot_read_it(
     assert shared.stats.shared_memory == 4 and shared.stats.samples == 8
     limited.close()
     shared.close()
+
+
+def test_shared_memory_full_sends_the_pixels_in_the_request(fleet, rng):
+    """/dev/shm full (ENOSPC from the pool, as `posix_fallocate` raises it): the request carries its pixels."""
+    import errno
+
+    class FullPool(SegmentPool):
+        def lease(self, nbytes):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    images = random_images(rng, 3)
+    client = RewardClient(fleet.grpc_target, "jpeg_compressibility", shared_memory=True)
+    client._segments = FullPool()
+    with pytest.warns(UserWarning, match="no shared memory for a request"):
+        assert [r.reward for r in client.score(images, "p")] == _in_process(images)
+    assert client.stats.shared_memory == 0 and not client._shared_memory_on
+    client.close()
 
 
 def test_shared_memory_needs_the_raw_transport():

@@ -1,5 +1,6 @@
 """Shared-memory images: the client's segment pool and the replica's read-only views (services/shared_memory.py)."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -159,3 +160,13 @@ def test_decoding_a_request_of_shared_memory_samples(pool, rng):
     # An application with `shared_memory: false` reads none, and says what to do instead.
     (refused,) = decode_samples([ok], 10**6, 100)
     assert refused.code == "SHARED_MEMORY_UNAVAILABLE" and "send the pixels in the request" in refused.message
+
+
+def test_a_segment_larger_than_what_dev_shm_has_left_fails_at_once_and_leaves_nothing():
+    """Its pages are allocated when it is made: ENOSPC now, not a SIGBUS when the client writes the pixels."""
+    st = os.statvfs(SHM_DIR)
+    before = set(os.listdir(SHM_DIR))
+    pool = SegmentPool()
+    with pytest.raises(OSError) as err:
+        pool.lease(st.f_bavail * st.f_frsize + (1 << 30))
+    assert err.value.errno == errno.ENOSPC and set(os.listdir(SHM_DIR)) == before and pool.created == 0
