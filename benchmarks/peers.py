@@ -20,7 +20,8 @@ requests of `--batch` images kept in flight by as many client threads, for `--se
   a GPU-fast CLIP: the wire dominates), so 512 px images go as 224 px, as for the real rewards.
 - `serve_shm`, `direct_shm`: `serve` and `direct` with `RewardClient(shared_memory=True)`: the client writes each
   request's pixels once into a shared-memory segment of its own and sends only where they are; the replica maps them
-  (`services/shared_memory.py`; the client is on the fleet's host here).
+  (`services/shared_memory.py`; the client is on the fleet's host here). `serve_resized_shm`, `direct_resized_shm`:
+  both, the client resizes and then passes the resized pixels in shared memory.
 - `haproxy`: Serve's HAProxy ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`, which implies direct ingress), with HTTP/2
   frames and windows sized for 25 MB requests (`--haproxy-untuned` keeps Ray's defaults).
 
@@ -65,6 +66,8 @@ ALL_CASES = (
     "haproxy",
     "serve_shm",
     "direct_shm",
+    "serve_resized_shm",
+    "direct_resized_shm",
 )
 # HAProxy tuned for large gRPC messages: 128 KB HTTP/2 frames (Ray's default 16 KB) in 256 KB buffers, 8 MB flow
 # control windows (64 KB), one thread (4) on a 2-core machine.
@@ -256,7 +259,7 @@ def warm_up(client, images, prompts, case: str, reward: str) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
-    if case.endswith("_resized") and client.input_resolution is None:
+    if "_resized" in case and client.input_resolution is None:
         raise SystemExit(f"{case}: {reward} declares no input resolution (or the server runs another torch)")
 
 
@@ -312,7 +315,7 @@ def run_case(case: str, port: int, args, images: list[np.ndarray], prompts: list
             # pool of `max_in_flight` threads carries every thread's calls).
             max_in_flight=args.in_flight,
             channel_options=options,
-            resize_to_input=case.endswith("_resized"),
+            resize_to_input="_resized" in case,
             shared_memory=case.endswith("_shm"),
         )
 
@@ -397,7 +400,7 @@ def main() -> None:
         f"load average at the end {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"{'case':<14} {'images/s':>9} {'x inproc':>9} {'x pickle':>9} {'p50 ms':>8} {'p99 ms':>8}   "
+        f"{'case':<18} {'images/s':>9} {'x inproc':>9} {'x pickle':>9} {'p50 ms':>8} {'p99 ms':>8}   "
         f"CPU ms per image: {'client':>6} {'ingress':>7} {'replica':>7} {'other':>6}"
     )
     base = rows.get("inprocess", {}).get("images_s")
@@ -407,7 +410,7 @@ def main() -> None:
         ratio_peer = f"{r['images_s'] / peer:.2f}" if peer else "-"
         c = r["cpu"]
         print(
-            f"{case:<14} {r['images_s']:>9.1f} {ratio_in:>9} {ratio_peer:>9} {r['p50']:>8.1f} {r['p99']:>8.1f}   "
+            f"{case:<18} {r['images_s']:>9.1f} {ratio_in:>9} {ratio_peer:>9} {r['p50']:>8.1f} {r['p99']:>8.1f}   "
             f"{'':17} {c['client']:>6.2f} {c['ingress']:>7.2f} {c['replica']:>7.2f} {c['other']:>6.2f}"
         )
     served = {c: rows[c]["images_s"] for c in ALL_CASES[3:] if c in rows}
