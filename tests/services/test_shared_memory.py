@@ -170,3 +170,35 @@ def test_a_segment_larger_than_what_dev_shm_has_left_fails_at_once_and_leaves_no
     with pytest.raises(OSError) as err:
         pool.lease(st.f_bavail * st.f_frsize + (1 << 30))
     assert err.value.errno == errno.ENOSPC and set(os.listdir(SHM_DIR)) == before and pool.created == 0
+
+
+def test_any_reference_is_the_segments_bytes_or_an_image_error(rng):
+    """hypothesis: whatever (name, offset, height, width) a request carries, the reader returns exactly the bytes at
+    that place of a real segment, or raises ImageError with a wire error code; never anything else."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    pool = SegmentPool()
+    segment = pool.lease(1)
+    data = rng.integers(0, 256, segment.size, dtype=np.uint8)
+    write_pixels(segment, 0, memoryview(data))
+    reader = SegmentReader()
+    names = st.one_of(st.just(segment.name), st.text(max_size=40), st.just("rewardfleet_missing"))
+    sizes = st.one_of(st.integers(0, 700), st.integers(0, 2**32 - 1))
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(name=names, offset=st.one_of(st.integers(0, segment.size), st.integers(0, 2**64 - 1)), h=sizes, w=sizes)
+    def check(name, offset, h, w):
+        try:
+            view = reader.pixels(name, offset, h, w, 1 << 20)
+        except ImageError as e:
+            assert e.code in {"INVALID_IMAGE", "IMAGE_TOO_LARGE", "SHARED_MEMORY_UNAVAILABLE"} and e.message
+            return
+        assert name == segment.name and view.shape == (h, w, 3)
+        assert np.array_equal(view.reshape(-1), data[offset : offset + h * w * 3])
+
+    try:
+        check()
+    finally:
+        pool.release([segment])
+        pool.close()
