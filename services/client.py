@@ -150,6 +150,11 @@ def _framed(sample: reward_pb2.Sample | FramedSample) -> FramedSample:
     return FramedSample(sample.id, (body,), len(body))
 
 
+def _wire_parts(samples: Sequence[FramedSample]) -> list[bytes | memoryview]:
+    """The parts of a ScoreRequest's bytes holding `samples` as they were framed (pixels inside)."""
+    return [part for sample in samples for part in sample.framed()]
+
+
 class RewardClient:
     """Client of one reward application of the fleet (see the module docstring)."""
 
@@ -292,7 +297,7 @@ class RewardClient:
 
         def flush():
             if segments is None:
-                requests.append(b"".join(part for sample in current for part in sample.framed()))
+                requests.append(b"".join(_wire_parts(current)))
             else:
                 requests.append(b"".join(self._in_shared_memory(current, segments)))
             counts.append(len(current))
@@ -323,7 +328,7 @@ class RewardClient:
         """The wire parts of one request whose raw images are in a leased segment (the others as they are)."""
         raws = [s for s in samples if s.raw is not None]
         if not raws:
-            return [part for sample in samples for part in sample.framed()]
+            return _wire_parts(samples)
         try:
             segment = self._segments.lease(sum(aligned(len(s.raw[2])) for s in raws))
         except OSError as e:  # /dev/shm is full (ENOSPC): this request carries its pixels, and so do later ones
@@ -331,7 +336,7 @@ class RewardClient:
             warnings.warn(
                 f"{self.application}: no shared memory for a request ({e}); sending pixels in requests", stacklevel=4
             )
-            return [part for sample in samples for part in sample.framed()]
+            return _wire_parts(samples)
         segments.append(segment)
         parts: list[bytes | memoryview] = []
         offset = 0
